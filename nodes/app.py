@@ -1,0 +1,66 @@
+"""The composition root: `create_app(settings)` wires settings, database, clock and API.
+
+Nothing happens at import time; the database is opened (and migrated) in the lifespan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from litestar import Litestar
+from litestar.openapi import OpenAPIConfig
+
+from nodes.db import open_pool
+from nodes.settings import Settings
+from wallet.api import routes
+from wallet.api.problems import EXCEPTION_HANDLERS, request_id_middleware
+from wallet.clock import Clock, SystemClock
+from wallet.context import OtpSender, WalletContext
+from wallet.otp import LogOtpSender, NoOtpSender
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+def create_app(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    otp_sender: OtpSender | None = None,
+    scrypt_n: int | None = None,
+) -> Litestar:
+    """Build one province node's ASGI app. Tests pass their own clock and OTP sender."""
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        async with open_pool(settings) as pool:
+            ctx = WalletContext(
+                province_code=settings.province_code,
+                node_id=settings.node_id,
+                pool=pool,
+                otp_sender=otp_sender
+                or (LogOtpSender() if settings.otp_sender == "log" else NoOtpSender()),
+                rules=settings.rules,
+                clock=clock or SystemClock(),
+            )
+            if scrypt_n is not None:
+                ctx.scrypt_n = scrypt_n
+            app.state.ctx = ctx
+            yield
+
+    app = Litestar(
+        route_handlers=routes.ROUTE_HANDLERS,
+        lifespan=[lifespan],
+        exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[request_id_middleware],
+        request_max_body_size=MAX_BODY_BYTES,
+        openapi_config=OpenAPIConfig(
+            title=f"Province wallet node {settings.node_id} ({settings.province_code})",
+            version="1",
+            description="Wallets, relationships, settlements and PLT/1 for one province.",
+            path="/schema",
+        ),
+        debug=False,
+    )
+    app.state.operator_token = settings.operator_token
+    return app

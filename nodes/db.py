@@ -1,0 +1,71 @@
+"""The node's database: a given server (`DATABASE_URL`) or one of our own, migrated at start."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import asyncpg
+
+from nodes.embedded_pg import EmbeddedPostgres
+from nodes.migrate import migrate
+from nodes.settings import Settings
+
+EMBEDDED_DATABASE = "plt"
+
+
+async def ensure_database(admin_dsn: str, name: str) -> None:
+    """Create database `name` if it does not exist (idempotent, race-safe)."""
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if not exists:
+            with contextlib.suppress(asyncpg.DuplicateDatabaseError):
+                await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+async def _check_durability(conn: asyncpg.Connection) -> None:
+    """Refuse to run a ledger on a server that may lose committed transactions (PROTOCOL b.12)."""
+    fsync = await conn.fetchval("SHOW fsync")
+    sync_commit = await conn.fetchval("SHOW synchronous_commit")
+    if fsync != "on" or sync_commit not in ("on", "remote_write", "remote_apply"):
+        raise RuntimeError(
+            f"refusing to run: fsync={fsync}, synchronous_commit={sync_commit}; "
+            "a ledger needs durable commits"
+        )
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.execute("SET TIME ZONE 'UTC'")
+
+
+@contextlib.asynccontextmanager
+async def open_pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    """Start (if embedded) and migrate the database, and yield a connection pool."""
+    server: EmbeddedPostgres | None = None
+    dsn = settings.database_url
+    if not dsn:
+        server = EmbeddedPostgres(settings.embedded_data_dir)
+        was_running = server.is_running()
+        server.start()
+        await ensure_database(server.dsn(), EMBEDDED_DATABASE)
+        dsn = server.dsn(EMBEDDED_DATABASE)
+        if was_running:
+            server = None  # somebody else started it; they stop it
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=settings.db_pool_min,
+        max_size=settings.db_pool_max,
+        init=_init_connection,
+    )
+    try:
+        async with pool.acquire() as conn:
+            await _check_durability(conn)
+            await migrate(conn)
+        yield pool
+    finally:
+        await pool.close()
+        if server is not None:
+            server.stop()

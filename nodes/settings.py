@@ -1,0 +1,93 @@
+"""Typed node settings, read once from a TOML file and the environment.
+
+Every `[cfg]` rule of RULES.md is a field of `ProvinceRules`, never a constant in code.
+Precedence: defaults < the TOML file named by `PLT_CONFIG` (or passed in) < environment
+variables `PLT_<FIELD>` (top-level fields) and `PLT_RULES__<FIELD>` (province rules), plus
+the conventional `DATABASE_URL`. Tests build `Settings(...)` directly.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from wallet.rules import ProvinceRules
+
+__all__ = ["ProvinceRules", "Settings", "SettingsError", "load_settings"]
+
+
+class SettingsError(ValueError):
+    """A settings file or environment variable is missing, unknown or of the wrong type."""
+
+
+class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Everything one province node needs to run."""
+
+    province_code: str = "130000"
+    node_id: str = "prov-13"
+    # PostgreSQL: a server of our own from the embedded wheel unless a URL is given.
+    database_url: str | None = None
+    data_dir: str = "data"
+    db_pool_min: int = 2
+    db_pool_max: int = 10
+    host: str = "127.0.0.1"
+    port: int = 8013
+    # Operators authenticate with this bearer token on /operator/v1 (empty disables the API).
+    operator_token: str = ""
+    # Where one-time passwords go: "log" (development: the code is logged) or "none".
+    otp_sender: Literal["log", "none"] = "log"
+    log_format: Literal["json", "console"] = "json"
+    log_level: str = "INFO"
+    rules: ProvinceRules = msgspec.field(default_factory=ProvinceRules)
+
+    @property
+    def embedded_data_dir(self) -> Path:
+        return Path(self.data_dir) / self.node_id / "postgres"
+
+
+def _coerce_env(raw: Mapping[str, str], fields: set[str], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix) :].lower()
+        if name.startswith("rules__"):
+            continue
+        if name not in fields:
+            raise SettingsError(f"unknown setting {key}")
+        out[name] = value
+    return out
+
+
+def load_settings(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Read settings from a TOML file (optional) and the environment."""
+    env = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    path = path or env.get("PLT_CONFIG")
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SettingsError(f"cannot read settings file {path}: {exc}") from exc
+    top_fields = set(Settings.__struct_fields__) - {"rules"}
+    data.update(_coerce_env(env, top_fields, "PLT_"))
+    rules = dict(data.get("rules", {}))
+    for key, value in env.items():
+        if key.startswith("PLT_RULES__"):
+            rules[key[len("PLT_RULES__") :].lower()] = value
+    if rules:
+        data["rules"] = rules
+    if env.get("DATABASE_URL"):
+        data["database_url"] = env["DATABASE_URL"]
+    try:
+        # strict=False lets "8013" from the environment become an int, "true" a bool.
+        return msgspec.convert(data, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise SettingsError(f"invalid settings: {exc}") from exc

@@ -1,0 +1,1 @@
+"""The node's HTTP API: app (wallet holders), institution and operator surfaces."""

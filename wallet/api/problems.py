@@ -1,0 +1,122 @@
+"""RFC 9457 problem details for every refusal, and request ids on every response.
+
+No exception reaches the client as a bare 500 page: domain errors carry their stable code,
+framework errors (malformed JSON, wrong types, unknown routes) are mapped to codes here,
+and anything unexpected becomes `internal_error` with the request id logged.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+import structlog
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from wallet.errors import ErrorCode, WalletError, problem_body, status_of
+
+log = structlog.get_logger("wallet.api")
+
+PROBLEM_JSON = "application/problem+json"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# A field whose name ends in _fen is an amount: its refusals get the amount_invalid code.
+_AMOUNT_PATH = re.compile(r"_fen`?$|_fen\b")
+
+
+def request_id_of(request: Request[Any, Any, Any]) -> str | None:
+    value = request.scope.get("state", {}).get("request_id")
+    if isinstance(value, str):
+        return value
+    # Unmatched routes never reach the middleware; echo a sane caller-given id there.
+    incoming = request.headers.get("x-request-id", "")
+    return incoming if _REQUEST_ID.match(incoming) else None
+
+
+def _problem(
+    request: Request[Any, Any, Any], code: ErrorCode, detail: str, **extensions: Any
+) -> Response[dict[str, Any]]:
+    body = problem_body(code, detail, request.url.path, request_id_of(request), **extensions)
+    return Response(body, status_code=status_of(code), media_type=PROBLEM_JSON)
+
+
+def wallet_error_handler(
+    request: Request[Any, Any, Any], exc: WalletError
+) -> Response[dict[str, Any]]:
+    return _problem(request, exc.code, exc.detail, **exc.extensions)
+
+
+def validation_error_handler(
+    request: Request[Any, Any, Any], exc: ValidationException
+) -> Response[dict[str, Any]]:
+    errors: list[dict[str, Any]] = []
+    if isinstance(exc.extra, list):
+        for item in exc.extra:
+            if isinstance(item, dict):
+                errors.append({k: v for k, v in item.items() if k in ("message", "key", "source")})
+    messages = " ".join(str(e.get("message", "")) for e in errors)
+    code = ErrorCode.AMOUNT_INVALID if _AMOUNT_PATH.search(messages) else ErrorCode.INVALID_REQUEST
+    detail = messages or str(exc.detail)
+    return _problem(request, code, detail, errors=errors)
+
+
+def http_error_handler(
+    request: Request[Any, Any, Any], exc: HTTPException
+) -> Response[dict[str, Any]]:
+    by_status = {
+        401: ErrorCode.UNAUTHORIZED,
+        403: ErrorCode.FORBIDDEN,
+        404: ErrorCode.NOT_FOUND,
+        405: ErrorCode.METHOD_NOT_ALLOWED,
+        413: ErrorCode.REQUEST_TOO_LARGE,
+        503: ErrorCode.SERVICE_UNAVAILABLE,
+    }
+    if exc.status_code >= 500 and exc.status_code != 503:
+        return internal_error_handler(request, exc)
+    code = by_status.get(exc.status_code, ErrorCode.INVALID_REQUEST)
+    return _problem(request, code, str(exc.detail))
+
+
+def internal_error_handler(
+    request: Request[Any, Any, Any], exc: Exception
+) -> Response[dict[str, Any]]:
+    log.error("unhandled_error", path=request.url.path, error=repr(exc), exc_info=exc)
+    return _problem(
+        request,
+        ErrorCode.INTERNAL_ERROR,
+        "an unexpected error occurred; quote the request id when reporting it",
+    )
+
+
+EXCEPTION_HANDLERS: dict[type[Exception], Any] = {
+    WalletError: wallet_error_handler,
+    ValidationException: validation_error_handler,
+    HTTPException: http_error_handler,
+    Exception: internal_error_handler,
+}
+
+
+def request_id_middleware(app: ASGIApp) -> ASGIApp:
+    """Give every request an id (the caller's `X-Request-ID` if sane) and echo it back."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                message["headers"] = headers
+            await send(message)
+
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            await app(scope, receive, send_with_id)
+
+    return middleware

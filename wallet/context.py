@@ -1,0 +1,33 @@
+"""What every wallet operation needs from the running node, built by `nodes.app`.
+
+`wallet/` never imports `nodes/`: the composition root hands it this context instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import asyncpg
+
+from wallet.clock import Clock, SystemClock
+from wallet.credentials import DEFAULT_SCRYPT_N
+from wallet.rules import ProvinceRules
+
+
+class OtpSender(Protocol):
+    async def send(self, phone: str, code: str, purpose: str) -> None:
+        """Deliver a one-time password to the phone on the roster."""
+        ...
+
+
+@dataclass
+class WalletContext:
+    province_code: str
+    node_id: str
+    pool: asyncpg.Pool
+    otp_sender: OtpSender
+    rules: ProvinceRules = field(default_factory=ProvinceRules)
+    clock: Clock = field(default_factory=SystemClock)
+    # scrypt work factor for new payment passwords (stored with each hash).
+    scrypt_n: int = DEFAULT_SCRYPT_N
