@@ -22,6 +22,33 @@ from wallet.otp import LogOtpSender, NoOtpSender
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
+@asynccontextmanager
+async def open_context(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    otp_sender: OtpSender | None = None,
+    scrypt_n: int | None = None,
+) -> AsyncIterator[WalletContext]:
+    """Open the database (starting and migrating it if needed) and build the wallet context.
+
+    Used by the app's lifespan and by CLI commands that act on the node's books directly.
+    """
+    async with open_pool(settings) as pool:
+        ctx = WalletContext(
+            province_code=settings.province_code,
+            node_id=settings.node_id,
+            pool=pool,
+            otp_sender=otp_sender
+            or (LogOtpSender() if settings.otp_sender == "log" else NoOtpSender()),
+            rules=settings.rules,
+            clock=clock or SystemClock(),
+        )
+        if scrypt_n is not None:
+            ctx.scrypt_n = scrypt_n
+        yield ctx
+
+
 def create_app(
     settings: Settings,
     *,
@@ -33,18 +60,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        async with open_pool(settings) as pool:
-            ctx = WalletContext(
-                province_code=settings.province_code,
-                node_id=settings.node_id,
-                pool=pool,
-                otp_sender=otp_sender
-                or (LogOtpSender() if settings.otp_sender == "log" else NoOtpSender()),
-                rules=settings.rules,
-                clock=clock or SystemClock(),
-            )
-            if scrypt_n is not None:
-                ctx.scrypt_n = scrypt_n
+        async with open_context(
+            settings, clock=clock, otp_sender=otp_sender, scrypt_n=scrypt_n
+        ) as ctx:
             app.state.ctx = ctx
             yield
 
