@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from wallet.errors import WalletError
 console = Console()
 err_console = Console(stderr=True)
 
-Command = Callable[[argparse.Namespace, Settings], Awaitable[int]]
+Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
 
 
 def _with_ctx(action: Callable[[WalletContext, argparse.Namespace], Awaitable[int]]) -> Command:
@@ -74,13 +74,14 @@ async def _roster_import(ctx: WalletContext, args: argparse.Namespace) -> int:
 
     rows = roster.parse_roster_file(Path(args.file))
     with Progress(
-        "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=console,
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
     ) as progress:
         task = progress.add_task("importing", total=len(rows))
-        result = await roster.import_rows(
-            ctx, rows, progress=lambda n: progress.advance(task, n)
-        )
+        result = await roster.import_rows(ctx, rows, progress=lambda n: progress.advance(task, n))
     console.print(f"created {result.created}, updated {result.updated}")
     return 0
 
@@ -109,8 +110,12 @@ async def _institution_add(ctx: WalletContext, args: argparse.Namespace) -> int:
     from wallet import institutions
 
     view, api_key = await institutions.register(
-        ctx, code=args.code, name=args.name, kind=args.kind,
-        categories=args.category, actor=args.actor,
+        ctx,
+        code=args.code,
+        name=args.name,
+        kind=args.kind,
+        categories=args.category,
+        actor=args.actor,
     )
     console.print(f"registered {view.code} ({view.kind}); API key, shown only now:")
     console.print(api_key, highlight=False, soft_wrap=True)
@@ -124,8 +129,12 @@ async def _relationships_pending(ctx: WalletContext, args: argparse.Namespace) -
     table = Table("id", "giver", "receiver", "type", "evidence", "filed at")
     for r in pending:
         table.add_row(
-            str(r.id), r.giver_name_masked, r.receiver_name_masked,
-            r.relation_type, r.evidence_ref, str(r.filed_at),
+            str(r.id),
+            r.giver_name_masked,
+            r.receiver_name_masked,
+            r.relation_type,
+            r.evidence_ref,
+            str(r.filed_at),
         )
     console.print(table)
     return 0
@@ -149,13 +158,18 @@ async def _ledger_check(ctx: WalletContext, args: argparse.Namespace) -> int:
     table = Table("check", "value")
     table.add_row("accounts", str(books.accounts))
     table.add_row("transfers", str(books.transfers))
-    table.add_row("debits posted = credits posted",
-                  f"{books.total_debits_posted} = {books.total_credits_posted}")
-    table.add_row("debits pending = credits pending",
-                  f"{books.total_debits_pending} = {books.total_credits_pending}")
+    table.add_row(
+        "debits posted = credits posted",
+        f"{books.total_debits_posted} = {books.total_credits_posted}",
+    )
+    table.add_row(
+        "debits pending = credits pending",
+        f"{books.total_debits_pending} = {books.total_credits_pending}",
+    )
     table.add_row("overdrawn accounts", str(books.overdrawn_accounts or "none"))
-    table.add_row("accounts not matching transfers",
-                  str(books.accounts_not_matching_transfers or "none"))
+    table.add_row(
+        "accounts not matching transfers", str(books.accounts_not_matching_transfers or "none")
+    )
     console.print(table)
     console.print("[green]balanced[/green]" if books.balanced else "[red]NOT BALANCED[/red]")
     return 0 if books.balanced else 1
@@ -204,8 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--code", required=True)
     add.add_argument("--name", required=True)
     add.add_argument("--kind", required=True, choices=["hospital", "clinic", "pharmacy", "agency"])
-    add.add_argument("--category", action="append", required=True,
-                     help="a settlement category it may charge (repeat)")
+    add.add_argument(
+        "--category",
+        action="append",
+        required=True,
+        help="a settlement category it may charge (repeat)",
+    )
     add.add_argument("--actor", default="operator-cli")
     add.set_defaults(run=_with_ctx(_institution_add))
 

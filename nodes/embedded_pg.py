@@ -59,10 +59,6 @@ def _free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _run_as(user: str | None) -> dict[str, object]:
-    return {"user": user} if user else {}
-
-
 def _ensure_system_user() -> str | None:
     """Return the user the server runs as: ourselves, or a system user when we are root."""
     if os.geteuid() != 0:
@@ -135,11 +131,23 @@ class EmbeddedPostgres:
         if not self.port:
             self.port = _free_port()
         options = {**DEFAULT_SETTINGS, **self.settings, "port": str(self.port)}
-        option_args = " ".join(f"-c {k}={v!r}" if v == "" else f"-c {k}={v}" for k, v in options.items())
+        option_args = " ".join(
+            f"-c {k}={v!r}" if v == "" else f"-c {k}={v}" for k, v in options.items()
+        )
         self._pg(
             "pg_ctl",
-            ["-D", str(self.pgdata), "-l", str(self.log_file), "-w", "-t", "60",
-             "-o", f"-h 127.0.0.1 {option_args}", "start"],
+            [
+                "-D",
+                str(self.pgdata),
+                "-l",
+                str(self.log_file),
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                f"-h 127.0.0.1 {option_args}",
+                "start",
+            ],
         )
         self._wait_ready()
         return self
@@ -176,8 +184,16 @@ class EmbeddedPostgres:
         self.pgdata.chmod(0o700)
         self._pg(
             "initdb",
-            ["-D", str(self.pgdata), "-U", SUPERUSER, "--auth=trust", "--encoding=UTF8",
-             "--locale=C", "--no-instructions"],
+            [
+                "-D",
+                str(self.pgdata),
+                "-U",
+                SUPERUSER,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-instructions",
+            ],
         )
         if self._user:
             entry = pwd.getpwnam(self._user)
@@ -186,8 +202,9 @@ class EmbeddedPostgres:
     def _wait_ready(self, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=1
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=1),
             ):
                 return
             time.sleep(0.1)
@@ -202,7 +219,7 @@ class EmbeddedPostgres:
                 text=True,
                 timeout=120,
                 cwd="/",
-                **_run_as(self._user),  # type: ignore[arg-type]
+                user=self._user,
             )
         except subprocess.CalledProcessError as exc:
             log = self.log_file.read_text()[-4000:] if self.log_file.exists() else ""

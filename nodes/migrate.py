@@ -46,7 +46,9 @@ def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
         found.append(Migration(int(match[1]), match[2], path.read_text(encoding="utf-8")))
     for expected, migration in enumerate(found, start=1):
         if migration.version != expected:
-            raise MigrationError(f"migration {expected:04d} is missing (found {migration.version:04d})")
+            raise MigrationError(
+                f"migration {expected:04d} is missing (found {migration.version:04d})"
+            )
     return found
 
 

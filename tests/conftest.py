@@ -25,12 +25,13 @@ from nodes.app import create_app
 from nodes.embedded_pg import EmbeddedPostgres
 from nodes.migrate import migrate
 from nodes.settings import Settings
+from tests.support import OPERATOR_TOKEN
 from wallet.clock import ManualClock
 from wallet.otp import RecordingOtpSender
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_DB = "plt_test_template"
-from tests.support import OPERATOR_TOKEN
+
 # 10:00 in Shanghai on a Monday: inside the grant hours, far from 06:00.
 START = dt.datetime(2026, 3, 16, 2, 0, tzinfo=dt.UTC)
 # Tests hash many passwords; a lower scrypt cost keeps them fast (the node default is 2**14).
@@ -154,6 +155,3 @@ async def client(
     app = create_app(settings, clock=clock, otp_sender=otp, scrypt_n=TEST_SCRYPT_N)
     async with AsyncTestClient(app=app, timeout=30) as test_client:
         yield test_client
-
-
-

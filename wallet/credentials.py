@@ -10,6 +10,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import itertools
 import secrets
 
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
@@ -34,7 +35,7 @@ def check_payment_password_format(password: str) -> None:
     if len(password) != 6 or not password.isdigit() or not password.isascii():
         raise WalletError(ErrorCode.INVALID_REQUEST, "the payment password must be 6 digits")
     digits = [int(c) for c in password]
-    steps = {b - a for a, b in zip(digits, digits[1:], strict=False)}
+    steps = {b - a for a, b in itertools.pairwise(digits)}
     if steps in ({0}, {1}, {-1}):
         raise WalletError(
             ErrorCode.INVALID_REQUEST,

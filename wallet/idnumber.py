@@ -18,6 +18,7 @@ _SHAPE = re.compile(r"^[0-9]{17}[0-9X]$")
 # permanent-residence card (first digit 9) share the 18-character layout, the birth date
 # and the check character, so one validation serves all of them.
 
+
 def check_character(first17: str) -> str:
     """ISO 7064 MOD 11-2 check character for the first 17 digits."""
     total = sum(int(digit) * weight for digit, weight in zip(first17, _WEIGHTS, strict=True))
@@ -42,9 +43,13 @@ def normalize_id_number(raw: str) -> str:
         )
     expected = check_character(value[:17])
     if value[17] != expected:
-        raise WalletError(ErrorCode.ID_NUMBER_INVALID, "the check character of the ID number is wrong")
+        raise WalletError(
+            ErrorCode.ID_NUMBER_INVALID, "the check character of the ID number is wrong"
+        )
     if value[:2] == "00":
-        raise WalletError(ErrorCode.ID_NUMBER_INVALID, "the address code of the ID number is not valid")
+        raise WalletError(
+            ErrorCode.ID_NUMBER_INVALID, "the address code of the ID number is not valid"
+        )
     try:
         birth_date(value)
     except ValueError as exc:

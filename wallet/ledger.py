@@ -56,7 +56,9 @@ SELECT id AS account_id, debits_pending, debits_posted, credits_pending, credits
 FROM account WHERE id = $1
 """
 _LOCK_ACCOUNTS = "SELECT id FROM account WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE"
-_SELECT_HOLD = "SELECT debit_account_id, credit_account_id, amount_fen FROM ledger_transfer WHERE id = $1"
+_SELECT_HOLD = (
+    "SELECT debit_account_id, credit_account_id, amount_fen FROM ledger_transfer WHERE id = $1"
+)
 
 
 async def open_account(conn: asyncpg.Connection, kind: AccountKind, code: str) -> int:

@@ -18,7 +18,11 @@ def test_demo_command_walks_from_roster_to_refund_with_balanced_books() -> None:
     try:
         result = subprocess.run(
             [sys.executable, "-m", "nodes", "demo"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
         )
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)

@@ -20,7 +20,9 @@ _SESSION_PERSON = """
 SELECT s.person_id FROM app_session s JOIN wallet w ON w.person_id = s.person_id
 WHERE s.token_hash = $1 AND s.revoked_at IS NULL AND s.expires_at > $2 AND w.state = 'open'
 """
-_INSTITUTION = "SELECT id, code, name, categories, account_id, state FROM institution WHERE api_key_hash = $1"
+_INSTITUTION = (
+    "SELECT id, code, name, categories, account_id, state FROM institution WHERE api_key_hash = $1"
+)
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,9 @@ from typing import Any
 
 import structlog
 from litestar import Request, Response
+from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException, ValidationException
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import ASGIApp, ExceptionHandlersMap, Message, Receive, Scope, Send
 
 from wallet.errors import ErrorCode, WalletError, problem_body, status_of
 
@@ -90,7 +91,7 @@ def internal_error_handler(
     )
 
 
-EXCEPTION_HANDLERS: dict[type[Exception], Any] = {
+EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     WalletError: wallet_error_handler,
     ValidationException: validation_error_handler,
     HTTPException: http_error_handler,
@@ -102,7 +103,7 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
     """Give every request an id (the caller's `X-Request-ID` if sane) and echo it back."""
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != ScopeType.HTTP:
             await app(scope, receive, send)
             return
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
