@@ -1,0 +1,531 @@
+"""PLT/1 message bodies (PROTOCOL b.4), one frozen msgspec Struct per `typ`.
+
+A body travels inside an envelope as `msgspec.msgpack.encode(body, order="deterministic")`.
+Decoding is by `typ` through `BODY_TYPES`, and a body whose bytes are not exactly that
+canonical encoding is refused: then equal bytes mean equal content, and a body hash
+(SHA-256 of the bytes) is a faithful duplicate key (PROTOCOL b.8).
+
+Money is integer fen (`*_fen`), times are ms since the Unix epoch UTC (`*_at_ms`),
+durations are ms (`*_ms`), ids are canonical UUIDv7 strings, hashes are lowercase hex.
+"""
+
+import hashlib
+from collections.abc import Iterable
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from protocol.errors import ErrorClass, ErrorCode, MalformedMessage, ProtocolError
+from protocol.ids import UUID7_PATTERN
+from protocol.keys import KeySetDocument, NodeId
+
+BATCH_MAX = 256  # items per STATUS_REQ, RELEASE, and envelopes per POST (PROTOCOL b.12)
+STATEMENT_BUCKETS = 256
+FEN_MAX = 2**63 - 1  # PostgreSQL BIGINT
+
+Uuid7 = Annotated[str, msgspec.Meta(pattern=UUID7_PATTERN)]
+Sha256Hex = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+Fen = Annotated[int, msgspec.Meta(ge=0, le=FEN_MAX)]
+PositiveFen = Annotated[int, msgspec.Meta(gt=0, le=FEN_MAX)]
+TimeMs = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+DurationMs = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+WindowId = Annotated[str, msgspec.Meta(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}$")]
+Ref = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Text = Annotated[str, msgspec.Meta(max_length=500)]
+IdNumber = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{17}[0-9X]$")]
+Currency = Literal["CNY"]
+FinalState = Literal["COMMITTED", "ABORTED"]
+# Every state a STATUS reply may name: the giver side's, the receiver side's, or UNKNOWN.
+TransferState = Literal[
+    "PREPARED_A",
+    "COMMITTED",
+    "ABORTED",
+    "REJECTED",
+    "PENDING_ACCEPT",
+    "ACCEPTED",
+    "DECLINED_PENDING",
+    "DECLINED",
+    "UNKNOWN",
+]
+
+
+class MessageType(StrEnum):
+    """The `typ` of an envelope; decides the body Struct."""
+
+    PREPARE = "PREPARE"
+    RECEIVED = "RECEIVED"
+    DECLINE = "DECLINE"
+    ACCEPT = "ACCEPT"
+    DECISION = "DECISION"
+    ACK = "ACK"
+    STATUS_REQ = "STATUS_REQ"
+    STATUS = "STATUS"
+    STATEMENT = "STATEMENT"
+    KEYSET = "KEYSET"
+    REL_REQUEST = "REL_REQUEST"
+    REL_REPLY = "REL_REPLY"
+    REL_CONFIRM = "REL_CONFIRM"
+    REL_DECLINE = "REL_DECLINE"
+    REL_END = "REL_END"
+    RELEASE = "RELEASE"
+    ERROR = "ERROR"
+
+
+class RelationType(StrEnum):
+    """The eight close-relative types of 民法典 art. 1045 (RULES 2)."""
+
+    SPOUSE = "spouse"
+    PARENT = "parent"
+    CHILD = "child"
+    SIBLING = "sibling"
+    GRANDPARENT_PATERNAL = "grandparent_paternal"
+    GRANDPARENT_MATERNAL = "grandparent_maternal"
+    GRANDCHILD_PATERNAL = "grandchild_paternal"
+    GRANDCHILD_MATERNAL = "grandchild_maternal"
+
+
+class Outcome(StrEnum):
+    """What the giver node decided."""
+
+    COMMIT = "COMMIT"
+    ABORT = "ABORT"
+
+
+class Body(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Base of every message body (and of the parts inside one)."""
+
+
+# --- parts -------------------------------------------------------------------------------
+
+
+class ErrorBody(Body, frozen=True, kw_only=True):
+    """An error as carried in DECLINE, DECISION.reason, ERROR and REL_* messages."""
+
+    code: ErrorCode
+    class_: ErrorClass = msgspec.field(name="class")
+    text: Text
+
+    @classmethod
+    def of(
+        cls, code: ErrorCode, text: str | None = None, error_class: ErrorClass | None = None
+    ) -> "ErrorBody":
+        """An ErrorBody with the code's default class and title unless given."""
+        return cls(
+            code=code,
+            class_=error_class if error_class is not None else code.error_class,
+            text=text if text is not None else code.title,
+        )
+
+    @classmethod
+    def from_exception(cls, exc: ProtocolError) -> "ErrorBody":
+        """The wire form of a ProtocolError."""
+        return cls(code=exc.code, class_=exc.error_class, text=exc.message[:500])
+
+
+class GiverRef(Body, frozen=True, kw_only=True):
+    """The giver as the receiver's node may see them: no ID number, a masked name."""
+
+    node: NodeId
+    account_ref: Ref
+    masked_name: Name
+
+
+class ReceiverRef(Body, frozen=True, kw_only=True):
+    """The receiver's wallet at node B (learnt from REL_CONFIRM)."""
+
+    account_id: Ref
+
+
+class RelationRef(Body, frozen=True, kw_only=True):
+    """The filed, confirmed relationship a grant is made under."""
+
+    relation_id: Uuid7
+    type: RelationType
+    verified_by_A: bool
+
+
+class UserAuth(Body, frozen=True, kw_only=True):
+    """Node A's record that the giver confirmed with the payment password (RULES 12)."""
+
+    method: Literal["pin"]
+    verified_at_ms: TimeMs
+    ref: Ref
+
+
+class Acceptance(Body, frozen=True, kw_only=True):
+    """How the receiver (or the relative confirming a filing) confirmed on node B."""
+
+    method: Literal["face", "pin"]
+    ref: Ref
+
+
+# --- transfer messages -------------------------------------------------------------------
+
+
+class Prepare(Body, frozen=True, kw_only=True):
+    """A→B: hold a quota grant for the receiver until A decides."""
+
+    transfer_id: Uuid7
+    giver: GiverRef
+    receiver: ReceiverRef
+    relation: RelationRef
+    amount_fen: PositiveFen
+    currency: Currency
+    fee_fen: Fen
+    accept_within_ms: Annotated[int, msgspec.Meta(gt=0, le=2**63 - 1)]
+    window_id: WindowId
+    user_auth: UserAuth
+    a_hold_id: Uuid7
+
+
+class Received(Body, frozen=True, kw_only=True):
+    """B→A, synchronous reply to PREPARE: B holds the quota, pending the receiver's answer."""
+
+    transfer_id: Uuid7
+    prepare_hash: Sha256Hex
+    b_hold_id: Uuid7
+    b_received_at_ms: TimeMs
+
+
+class Decline(Body, frozen=True, kw_only=True):
+    """B→A: B refuses the grant (synchronous validation failure, or the receiver refuses)."""
+
+    transfer_id: Uuid7
+    prepare_hash: Sha256Hex
+    error: ErrorBody
+
+
+class Accept(Body, frozen=True, kw_only=True):
+    """B→A: the receiver accepted. Binding: B posts if A commits."""
+
+    transfer_id: Uuid7
+    prepare_hash: Sha256Hex
+    b_hold_id: Uuid7
+    accepted_at_ms: TimeMs
+    acceptance: Acceptance
+
+
+class Decision(Body, frozen=True, kw_only=True):
+    """A→B: the outcome. `vote_hash` is the SHA-256 of the vote it answers (required for COMMIT)."""
+
+    transfer_id: Uuid7
+    prepare_hash: Sha256Hex
+    vote_hash: Sha256Hex | None
+    outcome: Outcome
+    reason: ErrorBody | None
+    decided_at_ms: TimeMs
+    window_id: WindowId
+
+    def __post_init__(self) -> None:
+        if self.outcome is Outcome.COMMIT and (self.vote_hash is None or self.reason is not None):
+            raise ValueError("a COMMIT carries the ACCEPT's vote_hash and no reason")
+        if self.outcome is Outcome.ABORT and self.reason is None:
+            raise ValueError("an ABORT carries a reason")
+
+
+class Ack(Body, frozen=True, kw_only=True):
+    """B→A, reply to DECISION: B applied it."""
+
+    transfer_id: Uuid7
+    decision_hash: Sha256Hex
+    final_state: FinalState
+    completed_at_ms: TimeMs
+
+
+class StatusReq(Body, frozen=True, kw_only=True):
+    """Either way: what is the state of these transfers?"""
+
+    transfer_ids: Annotated[tuple[Uuid7, ...], msgspec.Meta(min_length=1, max_length=BATCH_MAX)]
+
+
+class StatusItem(Body, frozen=True, kw_only=True):
+    """One transfer in a STATUS reply.
+
+    `decision` is the stored signed DECISION envelope (msgpack or JSON bytes) when there is
+    one. `presumed` marks A's answer for an id it has no row for: ABORT by presumption,
+    unsigned as a decision (PROTOCOL b.9.4).
+    """
+
+    transfer_id: Uuid7
+    state: TransferState
+    decision: bytes | None = None
+    undecided_remaining_ms: DurationMs | None = None
+    presumed: bool = False
+
+
+class Status(Body, frozen=True, kw_only=True):
+    """Reply to STATUS_REQ, one item per requested id, in the same order."""
+
+    items: Annotated[tuple[StatusItem, ...], msgspec.Meta(max_length=BATCH_MAX)]
+
+
+class Statement(Body, frozen=True, kw_only=True):
+    """Both ways, per window: committed count and sums, and hashes over every decided id."""
+
+    window_id: WindowId
+    count: Annotated[int, msgspec.Meta(ge=0)]
+    sum_by_currency: dict[Currency, Fen]
+    ids_hash: Sha256Hex
+    bucket_hashes: Annotated[
+        tuple[Sha256Hex, ...],
+        msgspec.Meta(min_length=STATEMENT_BUCKETS, max_length=STATEMENT_BUCKETS),
+    ]
+
+
+class KeySetPush(Body, frozen=True, kw_only=True):
+    """A node's new KEYSET document, pushed after a rotation (peers may also fetch it)."""
+
+    document: KeySetDocument
+
+
+class ErrorReply(Body, frozen=True, kw_only=True):
+    """A signed error reply when no typed reply fits (malformed, bad signature, 3106, 3208)."""
+
+    ref_typ: MessageType | None
+    ref_hash: Sha256Hex | None
+    transfer_id: Uuid7 | None
+    error: ErrorBody
+    differs: Annotated[tuple[str, ...], msgspec.Meta(max_length=64)] = ()
+
+
+# --- relationship messages ---------------------------------------------------------------
+
+
+class RelReceiver(Body, frozen=True, kw_only=True):
+    """The relative as filed by the giver; B finds them in its roster by ID number."""
+
+    id_number: IdNumber
+    name: Name
+
+
+class RelRequest(Body, frozen=True, kw_only=True):
+    """A→B: the giver filed a relationship; ask the receiver to confirm (RULES 5)."""
+
+    relation_id: Uuid7
+    giver: GiverRef
+    receiver: RelReceiver
+    relation_type: RelationType
+    evidence_ref: Ref
+    filed_at_ms: TimeMs
+
+
+class RelReply(Body, frozen=True, kw_only=True):
+    """Signed reply to any relationship message and to RELEASE: taken (OK) or refused."""
+
+    relation_id: Uuid7
+    ref_typ: MessageType
+    ref_hash: Sha256Hex
+    outcome: Literal["OK", "REFUSED"]
+    error: ErrorBody | None
+    replied_at_ms: TimeMs
+
+    def __post_init__(self) -> None:
+        if (self.outcome == "REFUSED") != (self.error is not None):
+            raise ValueError("a REFUSED reply carries an error, an OK reply none")
+
+
+class RelConfirm(Body, frozen=True, kw_only=True):
+    """B→A: the receiver confirmed; names the wallet later PREPAREs address."""
+
+    relation_id: Uuid7
+    request_hash: Sha256Hex
+    receiver_account_id: Ref
+    confirmed_at_ms: TimeMs
+    acceptance: Acceptance
+
+
+class RelDecline(Body, frozen=True, kw_only=True):
+    """B→A: the receiver (or B's checks) refused the filing."""
+
+    relation_id: Uuid7
+    request_hash: Sha256Hex
+    error: ErrorBody
+    declined_at_ms: TimeMs
+
+
+class RelEnd(Body, frozen=True, kw_only=True):
+    """Either way: the relationship ended (RULES 6); no new grant under it."""
+
+    relation_id: Uuid7
+    ended_by: Literal["giver", "receiver", "system"]
+    reason: Text
+    ended_at_ms: TimeMs
+
+
+class ReleasedGrant(Body, frozen=True, kw_only=True):
+    """One committed grant closed by B: `released_fen = granted_fen - used_fen` goes back."""
+
+    transfer_id: Uuid7
+    granted_fen: PositiveFen
+    used_fen: Fen
+    released_fen: Fen
+
+    def __post_init__(self) -> None:
+        if (
+            self.used_fen > self.granted_fen
+            or self.released_fen != self.granted_fen - self.used_fen
+        ):
+            raise ValueError("released_fen must equal granted_fen - used_fen")
+
+
+class Release(Body, frozen=True, kw_only=True):
+    """B→A after B closed the quotas (durably, first): return the unused part to the giver."""
+
+    release_id: Uuid7
+    relation_id: Uuid7
+    grants: Annotated[tuple[ReleasedGrant, ...], msgspec.Meta(min_length=1, max_length=BATCH_MAX)]
+    closed_at_ms: TimeMs
+
+    def __post_init__(self) -> None:
+        ids = [g.transfer_id for g in self.grants]
+        if len(set(ids)) != len(ids):
+            raise ValueError("a grant is listed twice")
+
+
+# --- registry and helpers ------------------------------------------------------------------
+
+BODY_TYPES: dict[MessageType, type[Body]] = {
+    MessageType.PREPARE: Prepare,
+    MessageType.RECEIVED: Received,
+    MessageType.DECLINE: Decline,
+    MessageType.ACCEPT: Accept,
+    MessageType.DECISION: Decision,
+    MessageType.ACK: Ack,
+    MessageType.STATUS_REQ: StatusReq,
+    MessageType.STATUS: Status,
+    MessageType.STATEMENT: Statement,
+    MessageType.KEYSET: KeySetPush,
+    MessageType.REL_REQUEST: RelRequest,
+    MessageType.REL_REPLY: RelReply,
+    MessageType.REL_CONFIRM: RelConfirm,
+    MessageType.REL_DECLINE: RelDecline,
+    MessageType.REL_END: RelEnd,
+    MessageType.RELEASE: Release,
+    MessageType.ERROR: ErrorReply,
+}
+_TYP_OF: dict[type[Body], MessageType] = {cls: typ for typ, cls in BODY_TYPES.items()}
+_DECODERS = {typ: msgspec.msgpack.Decoder(cls) for typ, cls in BODY_TYPES.items()}
+_ENCODER = msgspec.msgpack.Encoder(order="deterministic")
+
+
+def typ_of(body: Body) -> MessageType:
+    """The envelope `typ` of a body Struct."""
+    try:
+        return _TYP_OF[type(body)]
+    except KeyError:
+        raise TypeError(f"{type(body).__name__} is not a message body") from None
+
+
+def encode_body(body: Body) -> bytes:
+    """The canonical body bytes: deterministic msgpack."""
+    return _ENCODER.encode(body)
+
+
+def decode_body(typ: MessageType, raw: bytes) -> Body:
+    """Decode `raw` as the body of `typ`; MalformedMessage unless it is canonical and valid."""
+    decoder = _DECODERS.get(typ)
+    if decoder is None:
+        raise MalformedMessage(f"unknown typ {typ!r}")
+    try:
+        body: Body = decoder.decode(raw)
+    except (msgspec.DecodeError, ValueError) as exc:  # ValueError: bad UTF-8 in msgpack
+        raise MalformedMessage(f"{typ} body: {exc}") from None
+    if _ENCODER.encode(body) != raw:
+        raise MalformedMessage(f"{typ} body is not in canonical (deterministic msgpack) encoding")
+    return body
+
+
+def body_hash(raw: bytes) -> str:
+    """SHA-256 of body bytes, lowercase hex (prepare_hash, vote_hash, decision_hash, ...)."""
+    return hashlib.sha256(raw).hexdigest()
+
+
+def hash_body(body: Body) -> str:
+    """`body_hash(encode_body(body))`."""
+    return body_hash(_ENCODER.encode(body))
+
+
+def differing_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the fields that differ between two bodies (for 3106 `differs`).
+
+    Nested Structs of the same type are compared field by field; anything else as a whole.
+    Bodies of different types differ in `typ`.
+    """
+    if type(old) is not type(new):
+        return [prefix.rstrip(".") or "typ"]
+    out: list[str] = []
+    for name in old.__struct_fields__:
+        a, b = getattr(old, name), getattr(new, name)
+        if a == b:
+            continue
+        if isinstance(a, msgspec.Struct) and type(a) is type(b):
+            out.extend(differing_fields(a, b, f"{prefix}{name}."))
+        else:
+            out.append(f"{prefix}{name}")
+    return out
+
+
+# --- statements (PROTOCOL b.10) ----------------------------------------------------------
+
+
+class StatementEntry(msgspec.Struct, frozen=True):
+    """One decided transfer of a window, as both sides book it."""
+
+    transfer_id: str
+    amount_fen: int
+    currency: str
+    outcome: Outcome
+
+
+def statement_bucket(transfer_id: str) -> int:
+    """Bucket 0..255 of a transfer: its last byte, which is random in a UUIDv7.
+
+    (PROTOCOL b.10 says the first byte; in a UUIDv7 that is time and would put a whole
+    window into one bucket.)
+    """
+    return int(transfer_id[-2:], 16)
+
+
+def _entries_hash(entries: Iterable[StatementEntry]) -> str:
+    digest = hashlib.sha256()
+    for e in sorted(entries, key=lambda e: e.transfer_id):
+        digest.update(f"{e.transfer_id}|{e.amount_fen}|{e.outcome}\n".encode())
+    return digest.hexdigest()
+
+
+def build_statement(window_id: str, entries: Iterable[StatementEntry]) -> Statement:
+    """The STATEMENT of a window.
+
+    `count` and `sum_by_currency` cover committed transfers; `ids_hash` and each bucket hash
+    are SHA-256 over the lines `transfer_id|amount_fen|outcome\\n` of every decided transfer,
+    sorted by transfer_id.
+    """
+    items = list(entries)
+    buckets: list[list[StatementEntry]] = [[] for _ in range(STATEMENT_BUCKETS)]
+    sums: dict[Currency, int] = {}
+    count = 0
+    for e in items:
+        buckets[statement_bucket(e.transfer_id)].append(e)
+        if e.outcome is Outcome.COMMIT:
+            count += 1
+            if e.currency != "CNY":
+                raise ValueError(f"unsupported currency {e.currency!r}")
+            sums["CNY"] = sums.get("CNY", 0) + e.amount_fen
+    return Statement(
+        window_id=window_id,
+        count=count,
+        sum_by_currency=sums,
+        ids_hash=_entries_hash(items),
+        bucket_hashes=tuple(_entries_hash(b) for b in buckets),
+    )
+
+
+def differing_buckets(ours: Statement, theirs: Statement) -> list[int]:
+    """Buckets whose hashes differ: drill down there with per-id STATUS."""
+    return [
+        i
+        for i, (a, b) in enumerate(zip(ours.bucket_hashes, theirs.bucket_hashes, strict=True))
+        if a != b
+    ]
