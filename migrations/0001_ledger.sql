@@ -51,7 +51,10 @@ CREATE INDEX ledger_transfer_debit ON ledger_transfer (debit_account_id, id);
 CREATE INDEX ledger_transfer_credit ON ledger_transfer (credit_account_id, id);
 
 -- Apply a transfer to its two accounts. Accounts are updated in id order so that two
--- transfers between the same accounts in opposite directions cannot deadlock.
+-- transfers between the same accounts in opposite directions cannot deadlock. A resolution
+-- locks its hold row (serialising concurrent resolutions of one hold) and is refused as
+-- unique_violation if the hold was already resolved: the unique index would only be
+-- consulted after this BEFORE trigger had already moved the balances.
 CREATE FUNCTION ledger_apply_transfer() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     hold ledger_transfer%ROWTYPE;
@@ -63,10 +66,14 @@ BEGIN
     ELSIF NEW.phase = 'pending' THEN
         d_pending := NEW.amount_fen; c_pending := NEW.amount_fen;
     ELSE
-        SELECT * INTO hold FROM ledger_transfer WHERE id = NEW.pending_id;
+        SELECT * INTO hold FROM ledger_transfer WHERE id = NEW.pending_id FOR UPDATE;
         IF NOT FOUND OR hold.phase <> 'pending' THEN
             RAISE EXCEPTION 'transfer % resolves % which is not a pending transfer', NEW.id, NEW.pending_id
                 USING ERRCODE = 'check_violation';
+        END IF;
+        IF EXISTS (SELECT 1 FROM ledger_transfer WHERE pending_id = NEW.pending_id) THEN
+            RAISE EXCEPTION 'hold % was already posted or voided', NEW.pending_id
+                USING ERRCODE = 'unique_violation', CONSTRAINT = 'ledger_transfer_resolved_once';
         END IF;
         IF hold.debit_account_id <> NEW.debit_account_id OR hold.credit_account_id <> NEW.credit_account_id THEN
             RAISE EXCEPTION 'transfer % resolves % with other accounts', NEW.id, NEW.pending_id

@@ -77,6 +77,7 @@ def create_app(
             version="1",
             description="Wallets, relationships, settlements and PLT/1 for one province.",
             path="/schema",
+            use_handler_docstrings=True,
         ),
         debug=False,
     )

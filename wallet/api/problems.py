@@ -58,7 +58,9 @@ def validation_error_handler(
             if isinstance(item, dict):
                 errors.append({k: v for k, v in item.items() if k in ("message", "key", "source")})
     messages = " ".join(str(e.get("message", "")) for e in errors)
-    code = ErrorCode.AMOUNT_INVALID if _AMOUNT_PATH.search(messages) else ErrorCode.INVALID_REQUEST
+    keys = " ".join(str(e.get("key", "")) for e in errors)
+    is_amount = _AMOUNT_PATH.search(messages) or _AMOUNT_PATH.search(keys)
+    code = ErrorCode.AMOUNT_INVALID if is_amount else ErrorCode.INVALID_REQUEST
     detail = messages or str(exc.detail)
     return _problem(request, code, detail, errors=errors)
 

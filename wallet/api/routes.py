@@ -4,8 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
+from wallet.api.app_payments import AppPaymentCodesController
+from wallet.api.app_relationships import AppRelationshipsController
+from wallet.api.app_wallet import AppWalletController
+from wallet.api.institution import InstitutionSettlementsController
+from wallet.api.operator_institutions import (
+    OperatorInstitutionsController,
+    OperatorRelationshipsController,
+)
+from wallet.api.operator_people import OperatorPeopleController
 from wallet.api.system import SystemController
 
 ROUTE_HANDLERS: list[Any] = [
     SystemController,
+    AppWalletController,
+    OperatorPeopleController,
+    AppRelationshipsController,
+    AppPaymentCodesController,
+    InstitutionSettlementsController,
+    OperatorInstitutionsController,
+    OperatorRelationshipsController,
 ]

@@ -1,0 +1,730 @@
+"""Spending at designated institutions (RULES 17-20): payment codes, settlements, refunds.
+
+A patient shows a payment code from their own wallet (RULES 18): random, 18 digits,
+short-lived, single-use, stored only as a digest. The institution submits it with the
+amount, the category and its own reference. In ONE transaction the node
+
+  1. consumes the code (guarded UPDATE: unused and unexpired, else used/expired),
+  2. locks, in account-id order, the institution's account, the patient's personal account
+     and the personal accounts of every giver with an active relationship to the patient
+     (the relationship rows are share-locked, so an ending waits for the payment),
+  3. reads the now stable balances and plans the deduction: own account first, then the
+     givers in the province's order (RULES 19: `filing_order`, `giver_balance_desc`,
+     `receiver_order`),
+  4. writes the settlement, one settlement_source row and one ledger transfer per source.
+
+If the sources do not cover the amount, the payment is refused (`insufficient_funds`) and
+nothing changes, the code included: a refused payment does not consume the code, so the
+cashier can retry with less or with `allow_partial`. With `allow_partial` the covered part
+is settled and `remainder_fen` says what the patient still owes; covering nothing is still
+`insufficient_funds`.
+
+Settlements and refunds are idempotent on (institution, reference): the same request again
+returns what was stored (200), another request under the same reference is
+`idempotency_conflict`. A refund goes back to the exact sources, last source first
+(RULES 20), even to a giver whose relationship has ended since: it is their money.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import asyncpg
+import msgspec
+
+from wallet.context import WalletContext
+from wallet.credentials import digest, new_numeric_code
+from wallet.errors import ErrorCode, WalletError
+from wallet.ledger import MAX_AMOUNT_FEN, balance, lock_accounts, transfer
+from wallet.privacy import mask_name
+from wallet.rules import FORBIDDEN_CATEGORIES, DeductionStrategy, ProvinceRules, SettlementCategory
+
+PAYMENT_CODE_DIGITS = 18
+# References travel in URLs (GET .../settlements/{reference}): no slashes, no spaces.
+REFERENCE_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+_REFERENCE = re.compile(REFERENCE_PATTERN)
+_ISSUE_ATTEMPTS = 3
+
+SourceKind = Literal["own", "giver", "quota"]
+
+
+@dataclass(frozen=True)
+class SettlingInstitution:
+    """The institution behind an API key, as settlement needs it."""
+
+    institution_id: int
+    account_id: int
+    categories: tuple[str, ...]
+
+
+class PaymentCodeView(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    code: str
+    expires_at: dt.datetime
+
+
+class SourceView(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where part of a settlement came from, in deduction order."""
+
+    seq: int
+    source: SourceKind
+    amount_fen: int
+    refunded_fen: int
+    relationship_id: int | None
+    giver_name_masked: str | None
+
+
+class SettlementView(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    reference: str
+    settlement_id: int
+    category: SettlementCategory
+    patient_name_masked: str
+    requested_fen: int
+    amount_fen: int
+    remainder_fen: int
+    refunded_fen: int
+    sources: list[SourceView]
+    created_at: dt.datetime
+
+
+class RefundSourceView(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What one refund gave back to one source of the settlement."""
+
+    seq: int
+    source: SourceKind
+    amount_fen: int
+    relationship_id: int | None
+    giver_name_masked: str | None
+
+
+class RefundView(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    reference: str
+    refund_id: int
+    settlement_reference: str
+    amount_fen: int
+    sources: list[RefundSourceView]
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An account that may pay, with what it has available under the lock."""
+
+    source: SourceKind
+    account_id: int
+    relationship_id: int | None
+    available_fen: int
+
+
+@dataclass(frozen=True)
+class SourceToRefund:
+    seq: int
+    account_id: int
+    left_fen: int
+
+
+class _ReferenceTaken(Exception):
+    """A concurrent request inserted the same (institution, reference) first."""
+
+
+# --- statements ----------------------------------------------------------------------------
+
+_PERSON_STATUS = "SELECT status FROM insured_person WHERE id = $1"
+_INSERT_CODE = """
+INSERT INTO payment_code (code_hash, person_id, created_at, expires_at) VALUES ($1, $2, $3, $4)
+"""
+_USE_CODE = """
+UPDATE payment_code SET used_at = $2
+WHERE code_hash = $1 AND used_at IS NULL AND expires_at > $2
+RETURNING person_id
+"""
+_CODE_STATE = "SELECT used_at, expires_at FROM payment_code WHERE code_hash = $1"
+# Share-locked first: the patient's status cannot change under the payment, and a roster
+# change that would end their relationships waits here instead of crossing our
+# relationship locks (which would deadlock).
+_PATIENT = "SELECT status, personal_account_id FROM insured_person WHERE id = $1 FOR SHARE"
+# Givers who may pay for this patient now (RULES 1, 19). Share-locking the relationship
+# rows makes a concurrent ending wait until this payment commits (or see it ended); they
+# are locked in id order, like every multi-row relationship lock.
+_LOCK_GIVERS = """
+SELECT r.id AS relationship_id, g.personal_account_id AS account_id
+FROM relationship r
+JOIN insured_person g ON g.id = r.giver_person_id
+JOIN wallet w ON w.person_id = g.id
+WHERE r.receiver_person_id = $1 AND r.state = 'active'
+  AND g.scheme = 'employee' AND g.status = 'normal' AND w.state = 'open'
+  AND g.personal_account_id IS NOT NULL
+ORDER BY r.id
+FOR SHARE OF r
+"""
+# The same givers with their balances, read after the accounts are locked, in the order of
+# one deduction strategy each (fixed statements, chosen by the province's setting).
+_GIVERS_COLUMNS = """
+SELECT r.id AS relationship_id, a.id AS account_id,
+       a.credits_posted - a.debits_posted - a.debits_pending AS available_fen
+FROM relationship r
+JOIN insured_person g ON g.id = r.giver_person_id
+JOIN account a ON a.id = g.personal_account_id
+WHERE r.id = ANY($1::bigint[])
+"""
+_GIVERS_IN_ORDER: dict[DeductionStrategy, str] = {
+    "filing_order": _GIVERS_COLUMNS + "ORDER BY r.id",
+    "giver_balance_desc": _GIVERS_COLUMNS + "ORDER BY available_fen DESC, r.id",
+    "receiver_order": _GIVERS_COLUMNS + "ORDER BY r.receiver_priority NULLS LAST, r.id",
+}
+_FIND_SETTLEMENT = """
+SELECT id, request_hash FROM settlement WHERE institution_id = $1 AND reference = $2
+"""
+_INSERT_SETTLEMENT = """
+INSERT INTO settlement
+    (institution_id, reference, request_hash, patient_person_id, category, requested_fen,
+     amount_fen, created_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+RETURNING id
+"""
+_INSERT_SOURCE = """
+INSERT INTO settlement_source (settlement_id, seq, source, account_id, relationship_id, amount_fen)
+VALUES ($1, $2, $3, $4, $5, $6)
+"""
+_SETTLEMENT_VIEW = """
+SELECT s.id, s.reference, s.category, s.requested_fen, s.amount_fen, s.refunded_fen,
+       s.created_at, p.name AS patient_name
+FROM settlement s JOIN insured_person p ON p.id = s.patient_person_id
+WHERE s.id = $1
+"""
+_SOURCES_VIEW = """
+SELECT ss.seq, ss.source, ss.amount_fen, ss.refunded_fen, ss.relationship_id, g.name AS giver_name
+FROM settlement_source ss
+LEFT JOIN relationship r ON r.id = ss.relationship_id
+LEFT JOIN insured_person g ON g.id = r.giver_person_id
+WHERE ss.settlement_id = $1
+ORDER BY ss.seq
+"""
+
+_FIND_REFUND = "SELECT id, request_hash FROM refund WHERE institution_id = $1 AND reference = $2"
+# Refunds of one settlement queue on its row: "what is left" is read under this lock.
+_LOCK_SETTLEMENT = """
+SELECT id, amount_fen, refunded_fen FROM settlement
+WHERE institution_id = $1 AND reference = $2
+FOR UPDATE
+"""
+_REFUNDABLE_SOURCES = """
+SELECT seq, account_id, amount_fen - refunded_fen AS left_fen FROM settlement_source
+WHERE settlement_id = $1
+ORDER BY seq DESC
+"""
+_ADD_REFUNDED = """
+UPDATE settlement SET refunded_fen = refunded_fen + $2
+WHERE id = $1 AND refunded_fen + $2 <= amount_fen
+RETURNING id
+"""
+_ADD_SOURCE_REFUNDED = """
+UPDATE settlement_source SET refunded_fen = refunded_fen + $3
+WHERE settlement_id = $1 AND seq = $2 AND refunded_fen + $3 <= amount_fen
+RETURNING seq
+"""
+_INSERT_REFUND = """
+INSERT INTO refund (settlement_id, institution_id, reference, request_hash, amount_fen, created_at)
+VALUES ($1, $2, $3, $4, $5, $6)
+RETURNING id
+"""
+_REFUND_VIEW = """
+SELECT f.id, f.reference, f.amount_fen, f.created_at, s.reference AS settlement_reference
+FROM refund f JOIN settlement s ON s.id = f.settlement_id
+WHERE f.id = $1
+"""
+# A settlement's sources have distinct accounts (own, one per giver), so the transfer's
+# credited account names the source it went back to.
+_REFUND_SOURCES_VIEW = """
+SELECT ss.seq, ss.source, t.amount_fen, ss.relationship_id, g.name AS giver_name
+FROM ledger_transfer t
+JOIN settlement_source ss ON ss.settlement_id = t.settlement_id AND ss.account_id = t.credit_account_id
+LEFT JOIN relationship r ON r.id = ss.relationship_id
+LEFT JOIN insured_person g ON g.id = r.giver_person_id
+WHERE t.refund_id = $1
+ORDER BY ss.seq DESC
+"""
+
+
+# --- payment codes ---------------------------------------------------------------------------
+
+
+async def issue_payment_code(ctx: WalletContext, person_id: int) -> PaymentCodeView:
+    """A fresh single-use payment code for the patient's own use (RULES 18)."""
+    status = await ctx.pool.fetchval(_PERSON_STATUS, person_id)
+    if status != "normal":
+        raise WalletError(
+            ErrorCode.PERSON_NOT_ELIGIBLE, "the person is not in normal insured status"
+        )
+    now = ctx.clock.now()
+    expires_at = now + dt.timedelta(seconds=ctx.rules.payment_code_ttl_s)
+    for attempt in range(_ISSUE_ATTEMPTS):
+        code = new_numeric_code(PAYMENT_CODE_DIGITS)
+        try:
+            await ctx.pool.execute(_INSERT_CODE, digest(code), person_id, now, expires_at)
+        except asyncpg.UniqueViolationError:
+            # 10**18 codes: a clash is all but impossible, but never a 500.
+            if attempt + 1 == _ISSUE_ATTEMPTS:
+                raise
+            continue
+        return PaymentCodeView(code=code, expires_at=expires_at)
+    raise AssertionError("unreachable")
+
+
+# --- pure planning ---------------------------------------------------------------------------
+
+
+def plan_deduction(amount_fen: int, candidates: Sequence[Candidate]) -> list[tuple[Candidate, int]]:
+    """Take from each candidate in turn until `amount_fen` is covered (or they run out)."""
+    plan: list[tuple[Candidate, int]] = []
+    remaining = amount_fen
+    for candidate in candidates:
+        if remaining == 0:
+            break
+        take = min(remaining, candidate.available_fen)
+        if take > 0:
+            plan.append((candidate, take))
+            remaining -= take
+    return plan
+
+
+def plan_refund(
+    amount_fen: int, sources_last_first: Sequence[SourceToRefund]
+) -> list[tuple[SourceToRefund, int]]:
+    """Give `amount_fen` back to the sources, last deducted first (RULES 20)."""
+    plan: list[tuple[SourceToRefund, int]] = []
+    remaining = amount_fen
+    for source in sources_last_first:
+        if remaining == 0:
+            break
+        take = min(remaining, source.left_fen)
+        if take > 0:
+            plan.append((source, take))
+            remaining -= take
+    if remaining:
+        raise WalletError(
+            ErrorCode.REFUND_EXCEEDS_SETTLEMENT, "the refund exceeds what is left to refund"
+        )
+    return plan
+
+
+def check_category(
+    rules: ProvinceRules, institution_categories: Sequence[str], category: str
+) -> SettlementCategory:
+    """May this institution charge this category to personal and shared money? (RULES 17)"""
+    try:
+        checked = SettlementCategory(category)
+    except ValueError as exc:
+        raise WalletError(ErrorCode.INVALID_REQUEST, f"unknown category {category!r}") from exc
+    if checked in FORBIDDEN_CATEGORIES:
+        raise WalletError(
+            ErrorCode.CATEGORY_FORBIDDEN,
+            f"personal and shared money never pay for {checked.value} (RULES 17)",
+            category=checked.value,
+        )
+    if checked is SettlementCategory.HEALTH_CHECKUP and not rules.health_checkups_allowed:
+        raise WalletError(
+            ErrorCode.CATEGORY_FORBIDDEN,
+            "health check-ups are not payable from personal accounts in this province",
+            category=checked.value,
+        )
+    if checked.value not in institution_categories:
+        raise WalletError(
+            ErrorCode.FORBIDDEN,
+            f"this institution is not designated for {checked.value}",
+            category=checked.value,
+        )
+    return checked
+
+
+# --- settlement ------------------------------------------------------------------------------
+
+
+async def settle(
+    ctx: WalletContext,
+    institution: SettlingInstitution,
+    *,
+    payment_code: str,
+    amount_fen: int,
+    category: str,
+    reference: str,
+    allow_partial: bool = False,
+) -> tuple[SettlementView, bool]:
+    """Charge a patient's accounts for a payment at an institution; return the settlement and
+    whether it was made now (False: an identical earlier request is replayed)."""
+    _check_amount(amount_fen)
+    _check_reference(reference)
+    code_hash = digest(payment_code)
+    request_hash = _hash(amount_fen, category, allow_partial, code_hash.hex())
+    replay = await _replay_settlement(ctx, institution, reference, request_hash)
+    if replay is not None:
+        return replay, False
+    check_category(ctx.rules, institution.categories, category)
+    try:
+        view = await _settle_new(
+            ctx,
+            institution,
+            code_hash,
+            amount_fen,
+            category,
+            reference,
+            allow_partial,
+            request_hash,
+        )
+    except _ReferenceTaken:
+        replay = await _replay_settlement(ctx, institution, reference, request_hash)
+        if replay is None:  # pragma: no cover - the winner's row is committed
+            raise
+        return replay, False
+    except WalletError as exc:
+        # An identical request may have raced us to the code and won: that is a replay.
+        if exc.code is ErrorCode.PAYMENT_CODE_USED:
+            replay = await _replay_settlement(ctx, institution, reference, request_hash)
+            if replay is not None:
+                return replay, False
+        raise
+    return view, True
+
+
+async def get_settlement(ctx: WalletContext, institution_id: int, reference: str) -> SettlementView:
+    """One of the institution's settlements; others' are not found."""
+    _check_reference(reference, for_lookup=True)
+    async with ctx.pool.acquire() as conn:
+        row = await conn.fetchrow(_FIND_SETTLEMENT, institution_id, reference)
+        if row is None:
+            raise WalletError(ErrorCode.NOT_FOUND, f"no settlement has reference {reference}")
+        return await _settlement_view(conn, row["id"])
+
+
+async def _settle_new(
+    ctx: WalletContext,
+    institution: SettlingInstitution,
+    code_hash: bytes,
+    amount_fen: int,
+    category: str,
+    reference: str,
+    allow_partial: bool,
+    request_hash: bytes,
+) -> SettlementView:
+    now = ctx.clock.now()
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        patient_id = await _use_payment_code(conn, code_hash, now)
+        candidates = await _lock_and_rank_sources(conn, ctx.rules, institution, patient_id)
+        plan = plan_deduction(amount_fen, candidates)
+        covered_fen = sum(take for _, take in plan)
+        if covered_fen == 0 or (covered_fen < amount_fen and not allow_partial):
+            # Raising rolls back the transaction: the payment code stays unused.
+            raise WalletError(
+                ErrorCode.INSUFFICIENT_FUNDS,
+                "the patient's own and shared accounts do not cover the amount",
+            )
+        try:
+            settlement_id: int = await conn.fetchval(
+                _INSERT_SETTLEMENT,
+                institution.institution_id,
+                reference,
+                request_hash,
+                patient_id,
+                category,
+                amount_fen,
+                covered_fen,
+                now,
+            )
+        except asyncpg.UniqueViolationError as exc:
+            raise _ReferenceTaken from exc
+        await _record_sources(conn, settlement_id, institution.account_id, category, plan)
+        return await _settlement_view(conn, settlement_id)
+
+
+async def _use_payment_code(conn: asyncpg.Connection, code_hash: bytes, now: dt.datetime) -> int:
+    """Mark the code used (guarded); return the patient it belongs to."""
+    person_id: int | None = await conn.fetchval(_USE_CODE, code_hash, now)
+    if person_id is not None:
+        return person_id
+    row = await conn.fetchrow(_CODE_STATE, code_hash)
+    if row is None:
+        raise WalletError(ErrorCode.NOT_FOUND, "unknown payment code")
+    if row["used_at"] is not None:
+        raise WalletError(ErrorCode.PAYMENT_CODE_USED, "the payment code was already used")
+    raise WalletError(ErrorCode.PAYMENT_CODE_EXPIRED, "the payment code has expired")
+
+
+async def _lock_and_rank_sources(
+    conn: asyncpg.Connection,
+    rules: ProvinceRules,
+    institution: SettlingInstitution,
+    patient_id: int,
+) -> list[Candidate]:
+    """Lock every account the payment may touch (id order), then rank the sources using
+    the balances read under those locks."""
+    patient = await conn.fetchrow(_PATIENT, patient_id)
+    if patient["status"] != "normal":
+        raise WalletError(
+            ErrorCode.PERSON_NOT_ELIGIBLE, "the patient is not in normal insured status"
+        )
+    own_account_id: int | None = patient["personal_account_id"]
+    givers = await conn.fetch(_LOCK_GIVERS, patient_id)
+    accounts = [institution.account_id, *(g["account_id"] for g in givers)]
+    if own_account_id is not None:
+        accounts.append(own_account_id)
+    await lock_accounts(conn, accounts)
+
+    candidates: list[Candidate] = []
+    if own_account_id is not None:
+        own = await balance(conn, own_account_id)
+        candidates.append(Candidate("own", own_account_id, None, own.available_fen))
+    if givers:
+        ranked = await conn.fetch(
+            _GIVERS_IN_ORDER[rules.deduction_strategy], [g["relationship_id"] for g in givers]
+        )
+        candidates.extend(
+            Candidate("giver", r["account_id"], r["relationship_id"], r["available_fen"])
+            for r in ranked
+        )
+    # Refunds find their source by account: each account may appear once.
+    assert len({c.account_id for c in candidates}) == len(candidates), "a source account repeats"
+    return candidates
+
+
+async def _record_sources(
+    conn: asyncpg.Connection,
+    settlement_id: int,
+    institution_account_id: int,
+    category: str,
+    plan: list[tuple[Candidate, int]],
+) -> None:
+    for seq, (candidate, take) in enumerate(plan):
+        await conn.execute(
+            _INSERT_SOURCE,
+            settlement_id,
+            seq,
+            candidate.source,
+            candidate.account_id,
+            candidate.relationship_id,
+            take,
+        )
+        await transfer(
+            conn,
+            debit_account_id=candidate.account_id,
+            credit_account_id=institution_account_id,
+            amount_fen=take,
+            purpose=category,
+            settlement_id=settlement_id,
+        )
+
+
+async def _replay_settlement(
+    ctx: WalletContext,
+    institution: SettlingInstitution,
+    reference: str,
+    request_hash: bytes,
+) -> SettlementView | None:
+    async with ctx.pool.acquire() as conn:
+        row = await conn.fetchrow(_FIND_SETTLEMENT, institution.institution_id, reference)
+        if row is None:
+            return None
+        if row["request_hash"] != request_hash:
+            raise WalletError(
+                ErrorCode.IDEMPOTENCY_CONFLICT,
+                f"reference {reference} was already used for another settlement",
+            )
+        return await _settlement_view(conn, row["id"])
+
+
+async def _settlement_view(conn: asyncpg.Connection, settlement_id: int) -> SettlementView:
+    s = await conn.fetchrow(_SETTLEMENT_VIEW, settlement_id)
+    sources = [
+        SourceView(
+            seq=r["seq"],
+            source=r["source"],
+            amount_fen=r["amount_fen"],
+            refunded_fen=r["refunded_fen"],
+            relationship_id=r["relationship_id"],
+            giver_name_masked=None if r["giver_name"] is None else mask_name(r["giver_name"]),
+        )
+        for r in await conn.fetch(_SOURCES_VIEW, settlement_id)
+    ]
+    return SettlementView(
+        reference=s["reference"],
+        settlement_id=s["id"],
+        category=SettlementCategory(s["category"]),
+        patient_name_masked=mask_name(s["patient_name"]),
+        requested_fen=s["requested_fen"],
+        amount_fen=s["amount_fen"],
+        remainder_fen=s["requested_fen"] - s["amount_fen"],
+        refunded_fen=s["refunded_fen"],
+        sources=sources,
+        created_at=s["created_at"],
+    )
+
+
+# --- refunds ---------------------------------------------------------------------------------
+
+
+async def refund(
+    ctx: WalletContext,
+    institution: SettlingInstitution,
+    settlement_reference: str,
+    *,
+    reference: str,
+    amount_fen: int | None = None,
+) -> tuple[RefundView, bool]:
+    """Give (part of) a settlement back to the exact accounts it came from (RULES 20).
+
+    `amount_fen` defaults to everything not yet refunded. Returns the refund and whether it
+    was made now (False: an identical earlier request is replayed).
+    """
+    _check_reference(settlement_reference, for_lookup=True)
+    _check_reference(reference)
+    if amount_fen is not None:
+        _check_amount(amount_fen)
+    request_hash = _hash(settlement_reference, amount_fen)
+    replay = await _replay_refund(ctx, institution, reference, request_hash)
+    if replay is not None:
+        return replay, False
+    try:
+        view = await _refund_new(
+            ctx, institution, settlement_reference, reference, amount_fen, request_hash
+        )
+    except _ReferenceTaken:
+        replay = await _replay_refund(ctx, institution, reference, request_hash)
+        if replay is None:  # pragma: no cover - the winner's row is committed
+            raise
+        return replay, False
+    return view, True
+
+
+async def _refund_new(
+    ctx: WalletContext,
+    institution: SettlingInstitution,
+    settlement_reference: str,
+    reference: str,
+    amount_fen: int | None,
+    request_hash: bytes,
+) -> RefundView:
+    now = ctx.clock.now()
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        settlement = await conn.fetchrow(
+            _LOCK_SETTLEMENT, institution.institution_id, settlement_reference
+        )
+        if settlement is None:
+            raise WalletError(
+                ErrorCode.NOT_FOUND, f"no settlement has reference {settlement_reference}"
+            )
+        settlement_id: int = settlement["id"]
+        left_fen = settlement["amount_fen"] - settlement["refunded_fen"]
+        refund_fen = left_fen if amount_fen is None else amount_fen
+        if refund_fen == 0 or refund_fen > left_fen:
+            raise WalletError(
+                ErrorCode.REFUND_EXCEEDS_SETTLEMENT,
+                f"only {left_fen} fen of settlement {settlement_reference} can still be refunded",
+                refundable_fen=left_fen,
+            )
+        sources = [
+            SourceToRefund(r["seq"], r["account_id"], r["left_fen"])
+            for r in await conn.fetch(_REFUNDABLE_SOURCES, settlement_id)
+        ]
+        plan = plan_refund(refund_fen, sources)
+        await lock_accounts(conn, [institution.account_id, *(s.account_id for s, _ in plan)])
+        try:
+            refund_id: int = await conn.fetchval(
+                _INSERT_REFUND,
+                settlement_id,
+                institution.institution_id,
+                reference,
+                request_hash,
+                refund_fen,
+                now,
+            )
+        except asyncpg.UniqueViolationError as exc:
+            raise _ReferenceTaken from exc
+        await _guard(conn, _ADD_REFUNDED, settlement_id, refund_fen)
+        for source, take in plan:
+            await _guard(conn, _ADD_SOURCE_REFUNDED, settlement_id, source.seq, take)
+            await transfer(
+                conn,
+                debit_account_id=institution.account_id,
+                credit_account_id=source.account_id,
+                amount_fen=take,
+                purpose="refund",
+                settlement_id=settlement_id,
+                refund_id=refund_id,
+            )
+        return await _refund_view(conn, refund_id)
+
+
+async def _guard(conn: asyncpg.Connection, statement: str, *args: object) -> None:
+    """A guarded refunded_fen increase; the settlement lock makes a miss impossible, so a
+    miss is refused rather than trusted."""
+    if await conn.fetchval(statement, *args) is None:
+        raise WalletError(
+            ErrorCode.REFUND_EXCEEDS_SETTLEMENT, "the refund exceeds what is left to refund"
+        )
+
+
+async def _replay_refund(
+    ctx: WalletContext,
+    institution: SettlingInstitution,
+    reference: str,
+    request_hash: bytes,
+) -> RefundView | None:
+    async with ctx.pool.acquire() as conn:
+        row = await conn.fetchrow(_FIND_REFUND, institution.institution_id, reference)
+        if row is None:
+            return None
+        if row["request_hash"] != request_hash:
+            raise WalletError(
+                ErrorCode.IDEMPOTENCY_CONFLICT,
+                f"reference {reference} was already used for another refund",
+            )
+        return await _refund_view(conn, row["id"])
+
+
+async def _refund_view(conn: asyncpg.Connection, refund_id: int) -> RefundView:
+    f = await conn.fetchrow(_REFUND_VIEW, refund_id)
+    sources = [
+        RefundSourceView(
+            seq=r["seq"],
+            source=r["source"],
+            amount_fen=r["amount_fen"],
+            relationship_id=r["relationship_id"],
+            giver_name_masked=None if r["giver_name"] is None else mask_name(r["giver_name"]),
+        )
+        for r in await conn.fetch(_REFUND_SOURCES_VIEW, refund_id)
+    ]
+    return RefundView(
+        reference=f["reference"],
+        refund_id=f["id"],
+        settlement_reference=f["settlement_reference"],
+        amount_fen=f["amount_fen"],
+        sources=sources,
+        created_at=f["created_at"],
+    )
+
+
+# --- input checks ----------------------------------------------------------------------------
+
+
+def _check_amount(amount_fen: int) -> None:
+    if not 0 < amount_fen <= MAX_AMOUNT_FEN:
+        raise WalletError(
+            ErrorCode.AMOUNT_INVALID,
+            f"an amount is a whole number of fen from 1 to {MAX_AMOUNT_FEN}",
+        )
+
+
+def _check_reference(reference: str, *, for_lookup: bool = False) -> None:
+    if _REFERENCE.match(reference):
+        return
+    if for_lookup:  # a reference that cannot be stored was never stored
+        raise WalletError(ErrorCode.NOT_FOUND, "no settlement has that reference")
+    raise WalletError(ErrorCode.INVALID_REQUEST, "a reference is 1-64 letters, digits and _ . : -")
+
+
+def _hash(*fields: object) -> bytes:
+    """Canonical digest of a request's meaningful fields, for idempotent replays."""
+    return hashlib.sha256(msgspec.json.encode(list(fields))).digest()
