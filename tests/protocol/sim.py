@@ -282,7 +282,7 @@ class World:
         tail = "\n".join(self.trace[-40:])
         raise SimulationFailure(
             f"seed {self.seed}{' (envelopes)' if self.envelopes else ''}: {message}\n"
-            f"replay: PLT_SIM_SEED={self.seed} python -m pytest tests/protocol/test_simulation.py -k replay -s\n"
+            f"replay: PLT_SIM_SEED={self.seed} python -m pytest tests/protocol/test_simulation.py -k every_seed -s\n"
             f"last actions:\n{tail}",
             self.trace,
         )

@@ -6,12 +6,10 @@ restarts, clock skew and jumps, outbox retries, the sweeper and the resolver (an
 step, at rest, and under replay of the whole message log. See tests/protocol/sim.py.
 
     PLT_SIM_SEEDS=100000 PLT_SIM_SEED_START=5000 python -m pytest tests/protocol/test_simulation.py
-    PLT_SIM_SEED=1234 python -m pytest tests/protocol/test_simulation.py -k replay -s
+    PLT_SIM_SEED=1234 python -m pytest tests/protocol/test_simulation.py -k every_seed -s
 """
 
 import os
-
-import pytest
 
 from protocol.giver import GiverState
 from tests.protocol.sim import SimulationFailure, run_seed
@@ -21,15 +19,29 @@ SEED_START = int(os.environ.get("PLT_SIM_SEED_START", "0"))
 FAILURES_SHOWN = 3
 
 
+def _seeds() -> range:
+    """The seeds to run: one seed to replay (`PLT_SIM_SEED`), or a range of them."""
+    if "PLT_SIM_SEED" in os.environ:
+        seed = int(os.environ["PLT_SIM_SEED"])
+        return range(seed, seed + 1)
+    return range(SEED_START, SEED_START + SEEDS)
+
+
 def test_every_invariant_holds_for_every_seed() -> None:
     failures: list[str] = []
-    for seed in range(SEED_START, SEED_START + SEEDS):
+    replaying = "PLT_SIM_SEED" in os.environ
+    for seed in _seeds():
         try:
-            run_seed(seed)
+            world = run_seed(seed)
         except SimulationFailure as exc:
+            if replaying:
+                print("\n".join(exc.trace))
             failures.append(str(exc))
             if len(failures) >= FAILURES_SHOWN:
                 break
+        else:
+            if replaying:
+                print("\n".join(world.trace))
     assert not failures, "\n\n".join(failures)
 
 
@@ -53,16 +65,3 @@ def test_envelope_mode_signs_verifies_and_rotates_keys() -> None:
     assert all(w.envelopes for w in worlds)
     assert sum(1 for w in worlds for line in w.trace if "rotates" in line) > 0
     assert all(m.wire is not None for w in worlds for m in w.log)
-
-
-@pytest.mark.skipif(
-    "PLT_SIM_SEED" not in os.environ, reason="set PLT_SIM_SEED=<seed> to replay one seed"
-)
-def test_replay() -> None:
-    seed = int(os.environ["PLT_SIM_SEED"])
-    try:
-        world = run_seed(seed)
-    except SimulationFailure as exc:
-        print("\n".join(exc.trace))
-        raise
-    print("\n".join(world.trace))

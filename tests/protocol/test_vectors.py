@@ -5,12 +5,11 @@ the signature or the wire forms makes these tests fail; another implementation o
 can check itself against the same file. To regenerate after a deliberate change (and say
 why in the commit):
 
-    PLT_WRITE_VECTORS=1 python -m pytest tests/protocol/test_vectors.py
+    python -m tests.protocol.test_vectors
 """
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -142,10 +141,8 @@ def stored() -> dict[str, Any]:
     return result
 
 
-@pytest.mark.skipif(
-    not os.environ.get("PLT_WRITE_VECTORS"), reason="set PLT_WRITE_VECTORS=1 to regenerate"
-)
-def test_write_vectors() -> None:
+def write_vectors() -> None:
+    """Regenerate the committed vectors: `python -m tests.protocol.test_vectors`."""
     VECTORS.parent.mkdir(exist_ok=True)
     VECTORS.write_text(json.dumps(compute(), indent=2, ensure_ascii=False) + "\n")
 
@@ -189,3 +186,7 @@ def test_stored_envelopes_open_with_the_stored_keyset(case: int) -> None:
         assert decode_envelope(raw).sig.hex() == vector["sig_hex"]
     assert decode_body(typ, bytes.fromhex(vector["body_hex"])) == body
     assert encode_body(body).hex() == vector["body_hex"]
+
+
+if __name__ == "__main__":
+    write_vectors()
