@@ -7,8 +7,8 @@ from typing import Annotated
 
 import msgspec
 from litestar import Controller, get, post, put
-from litestar.di import Provide
-from litestar.params import Parameter
+from litestar.di import NamedDependency, Provide
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from wallet import relationships
 from wallet.api.auth import AppCaller, provide_app_caller, provide_ctx
@@ -55,7 +55,10 @@ class AppRelationshipsController(Controller):
         "/", operation_id="app_file_relationship", dto=StrictBody[FileRelationship], return_dto=None
     )
     async def file(
-        self, ctx: WalletContext, caller: AppCaller, data: FileRelationship
+        self,
+        ctx: NamedDependency[WalletContext],
+        caller: NamedDependency[AppCaller],
+        data: JSONBody[FileRelationship],
     ) -> RelationshipView:
         """File a relationship as giver (payment password required). The receiver must be a
         close relative on this province's roster; it waits for their confirmation."""
@@ -73,11 +76,11 @@ class AppRelationshipsController(Controller):
     @get("/", operation_id="app_list_relationships")
     async def list_mine(
         self,
-        ctx: WalletContext,
-        caller: AppCaller,
-        role: Role | None = None,
+        ctx: NamedDependency[WalletContext],
+        caller: NamedDependency[AppCaller],
+        role: FromQuery[Role | None] = None,
         # `state` is a reserved parameter name in Litestar (the app state).
-        state_filter: Annotated[RelationshipState | None, Parameter(query="state")] = None,
+        state_filter: Annotated[RelationshipState | None, QueryParameter(name="state")] = None,
     ) -> list[RelationshipView]:
         """My relationships, as giver, receiver or both, optionally in one state."""
         return await relationships.list_for_person(
@@ -93,10 +96,10 @@ class AppRelationshipsController(Controller):
     )
     async def confirm(
         self,
-        ctx: WalletContext,
-        caller: AppCaller,
-        relationship_id: int,
-        data: PasswordConfirmation,
+        ctx: NamedDependency[WalletContext],
+        caller: NamedDependency[AppCaller],
+        relationship_id: FromPath[int],
+        data: JSONBody[PasswordConfirmation],
     ) -> RelationshipView:
         """Confirm, as receiver, a relationship filed for me (payment password required)."""
         return await relationships.confirm(
@@ -107,7 +110,10 @@ class AppRelationshipsController(Controller):
         "/{relationship_id:int}/decline", operation_id="app_decline_relationship", status_code=200
     )
     async def decline(
-        self, ctx: WalletContext, caller: AppCaller, relationship_id: int
+        self,
+        ctx: NamedDependency[WalletContext],
+        caller: NamedDependency[AppCaller],
+        relationship_id: FromPath[int],
     ) -> RelationshipView:
         """Decline, as receiver, a relationship filed for me."""
         return await relationships.decline(ctx, caller.person_id, relationship_id)
@@ -121,10 +127,10 @@ class AppRelationshipsController(Controller):
     )
     async def end(
         self,
-        ctx: WalletContext,
-        caller: AppCaller,
-        relationship_id: int,
-        data: PasswordConfirmation,
+        ctx: NamedDependency[WalletContext],
+        caller: NamedDependency[AppCaller],
+        relationship_id: FromPath[int],
+        data: JSONBody[PasswordConfirmation],
     ) -> RelationshipView:
         """End a relationship, as giver or receiver, at any time (payment password required)."""
         return await relationships.end(
@@ -133,7 +139,10 @@ class AppRelationshipsController(Controller):
 
     @put("/order", operation_id="app_order_givers", dto=StrictBody[ReceiverOrder], return_dto=None)
     async def order(
-        self, ctx: WalletContext, caller: AppCaller, data: ReceiverOrder
+        self,
+        ctx: NamedDependency[WalletContext],
+        caller: NamedDependency[AppCaller],
+        data: JSONBody[ReceiverOrder],
     ) -> list[RelationshipView]:
         """Set, as receiver, the order in which my givers pay after my own account."""
         return await relationships.set_receiver_order(

@@ -8,7 +8,8 @@ from typing import Annotated
 
 import msgspec
 from litestar import Controller, Response, get, post
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
+from litestar.params import FromPath, JSONBody
 
 from wallet import settlement
 from wallet.api.auth import InstitutionCaller, provide_ctx, provide_institution
@@ -57,9 +58,9 @@ class InstitutionSettlementsController(Controller):
     @post("/", operation_id="institution_settle", dto=StrictBody[SettleRequest], return_dto=None)
     async def settle(
         self,
-        ctx: WalletContext,
-        institution: InstitutionCaller,
-        data: SettleRequest,
+        ctx: NamedDependency[WalletContext],
+        institution: NamedDependency[InstitutionCaller],
+        data: JSONBody[SettleRequest],
     ) -> Response[SettlementView]:
         """Charge a patient's payment code: own personal account first, then the givers in
         the province's order, in one transaction. 201 when made, 200 for a replay of the same
@@ -77,7 +78,10 @@ class InstitutionSettlementsController(Controller):
 
     @get("/{reference:str}", operation_id="institution_get_settlement")
     async def get_one(
-        self, ctx: WalletContext, institution: InstitutionCaller, reference: str
+        self,
+        ctx: NamedDependency[WalletContext],
+        institution: NamedDependency[InstitutionCaller],
+        reference: FromPath[str],
     ) -> SettlementView:
         """One of this institution's settlements, with its sources and what was refunded."""
         return await settlement.get_settlement(ctx, institution.institution_id, reference)
@@ -90,10 +94,10 @@ class InstitutionSettlementsController(Controller):
     )
     async def refund(
         self,
-        ctx: WalletContext,
-        institution: InstitutionCaller,
-        reference: str,
-        data: RefundRequest,
+        ctx: NamedDependency[WalletContext],
+        institution: NamedDependency[InstitutionCaller],
+        reference: FromPath[str],
+        data: JSONBody[RefundRequest],
     ) -> Response[RefundView]:
         """Refund (part of) one of this institution's settlements to the exact accounts it
         came from, last source first. 201 when made, 200 for a replay."""

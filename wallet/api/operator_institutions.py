@@ -6,8 +6,8 @@ from typing import Annotated, Literal
 
 import msgspec
 from litestar import Controller, get, post
-from litestar.di import Provide
-from litestar.params import Parameter
+from litestar.di import NamedDependency, Provide
+from litestar.params import FromPath, JSONBody, QueryParameter
 
 from wallet import institutions, relationships
 from wallet.api.auth import OperatorCaller, provide_ctx, provide_operator
@@ -48,7 +48,10 @@ class OperatorInstitutionsController(Controller):
         return_dto=None,
     )
     async def register(
-        self, ctx: WalletContext, operator: OperatorCaller, data: RegisterInstitution
+        self,
+        ctx: NamedDependency[WalletContext],
+        operator: NamedDependency[OperatorCaller],
+        data: JSONBody[RegisterInstitution],
     ) -> InstitutionWithKey:
         """Register a designated institution with the categories it may charge. Forbidden
         categories (cash, fitness, ...) are refused; the API key is shown once."""
@@ -63,20 +66,28 @@ class OperatorInstitutionsController(Controller):
         return InstitutionWithKey.of(view, api_key)
 
     @get("/", operation_id="operator_list_institutions")
-    async def list_all(self, ctx: WalletContext, operator: OperatorCaller) -> list[InstitutionView]:
+    async def list_all(
+        self, ctx: NamedDependency[WalletContext], operator: NamedDependency[OperatorCaller]
+    ) -> list[InstitutionView]:
         """Every registered institution, with its state and balance."""
         return await institutions.list_institutions(ctx)
 
     @post("/{code:str}/suspend", operation_id="operator_suspend_institution", status_code=200)
     async def suspend(
-        self, ctx: WalletContext, operator: OperatorCaller, code: str
+        self,
+        ctx: NamedDependency[WalletContext],
+        operator: NamedDependency[OperatorCaller],
+        code: FromPath[str],
     ) -> InstitutionView:
         """Suspend an institution: its API key is refused until it is reactivated."""
         return await institutions.suspend(ctx, code, actor=operator.name)
 
     @post("/{code:str}/reactivate", operation_id="operator_reactivate_institution", status_code=200)
     async def reactivate(
-        self, ctx: WalletContext, operator: OperatorCaller, code: str
+        self,
+        ctx: NamedDependency[WalletContext],
+        operator: NamedDependency[OperatorCaller],
+        code: FromPath[str],
     ) -> InstitutionView:
         """Let a suspended institution settle and refund again."""
         return await institutions.reactivate(ctx, code, actor=operator.name)
@@ -85,7 +96,10 @@ class OperatorInstitutionsController(Controller):
         "/{code:str}/api-key", operation_id="operator_rotate_institution_api_key", status_code=200
     )
     async def rotate_api_key(
-        self, ctx: WalletContext, operator: OperatorCaller, code: str
+        self,
+        ctx: NamedDependency[WalletContext],
+        operator: NamedDependency[OperatorCaller],
+        code: FromPath[str],
     ) -> InstitutionWithKey:
         """Issue a new API key (shown once); the old key stops working at once."""
         view, api_key = await institutions.rotate_api_key(ctx, code, actor=operator.name)
@@ -100,11 +114,11 @@ class OperatorRelationshipsController(Controller):
     @get("/", operation_id="operator_list_relationships_for_review")
     async def list_for_review(
         self,
-        ctx: WalletContext,
-        operator: OperatorCaller,
+        ctx: NamedDependency[WalletContext],
+        operator: NamedDependency[OperatorCaller],
         # `state` is a reserved parameter name in Litestar (the app state).
         state_filter: Annotated[
-            Literal["pending_review"], Parameter(query="state")
+            Literal["pending_review"], QueryParameter(name="state")
         ] = "pending_review",
     ) -> list[RelationshipView]:
         """Relationships waiting for review, oldest first (`state=pending_review`, the only
@@ -117,7 +131,10 @@ class OperatorRelationshipsController(Controller):
         status_code=200,
     )
     async def approve(
-        self, ctx: WalletContext, operator: OperatorCaller, relationship_id: int
+        self,
+        ctx: NamedDependency[WalletContext],
+        operator: NamedDependency[OperatorCaller],
+        relationship_id: FromPath[int],
     ) -> RelationshipView:
         """Approve a confirmed relationship under review: it becomes active."""
         return await relationships.review(ctx, relationship_id, approve=True, actor=operator.name)
@@ -128,7 +145,10 @@ class OperatorRelationshipsController(Controller):
         status_code=200,
     )
     async def reject(
-        self, ctx: WalletContext, operator: OperatorCaller, relationship_id: int
+        self,
+        ctx: NamedDependency[WalletContext],
+        operator: NamedDependency[OperatorCaller],
+        relationship_id: FromPath[int],
     ) -> RelationshipView:
         """Reject a confirmed relationship under review: nothing is ever shared under it."""
         return await relationships.review(ctx, relationship_id, approve=False, actor=operator.name)
