@@ -8,16 +8,21 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import structlog
 from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 
 from nodes.db import open_pool
 from nodes.settings import Settings
+from nodes.workers import WorkerSet
 from wallet.api import routes
 from wallet.api.problems import EXCEPTION_HANDLERS, request_id_middleware
 from wallet.clock import Clock, SystemClock
 from wallet.context import OtpSender, WalletContext
 from wallet.otp import LogOtpSender, NoOtpSender
+from wallet.plt.node import KeysNotFound, PltNode
+
+log = structlog.get_logger("nodes.app")
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
@@ -29,11 +34,15 @@ async def open_context(
     clock: Clock | None = None,
     otp_sender: OtpSender | None = None,
     scrypt_n: int | None = None,
+    plt: PltNode | None = None,
 ) -> AsyncIterator[WalletContext]:
     """Open the database (starting and migrating it if needed) and build the wallet context.
 
     Used by the app's lifespan and by CLI commands that act on the node's books directly.
+    `plt` (tests, the local network) or else the keys and directory named by the settings
+    give the node its PLT/1 identity; a node without keys runs in-province only.
     """
+    plt = plt if plt is not None else load_plt(settings)
     async with open_pool(settings) as pool:
         ctx = WalletContext(
             province_code=settings.province_code,
@@ -46,7 +55,27 @@ async def open_context(
         )
         if scrypt_n is not None:
             ctx.scrypt_n = scrypt_n
-        yield ctx
+        ctx.plt = plt
+        try:
+            yield ctx
+        finally:
+            if plt is not None:
+                await plt.aclose()
+
+
+def load_plt(settings: Settings) -> PltNode | None:
+    """This node's PLT/1 identity from its keys and directory folders, if it has keys."""
+    try:
+        node = PltNode.from_files(settings.plt_keys_dir, settings.plt_directory_dir)
+    except KeysNotFound:
+        log.warning("plt_disabled", reason="no node keys", keys_dir=str(settings.plt_keys_dir))
+        return None
+    if node.node_id != settings.node_id:
+        raise RuntimeError(
+            f"the keys in {settings.plt_keys_dir} are for {node.node_id}, "
+            f"this node is {settings.node_id}"
+        )
+    return node
 
 
 def create_app(
@@ -55,16 +84,24 @@ def create_app(
     clock: Clock | None = None,
     otp_sender: OtpSender | None = None,
     scrypt_n: int | None = None,
+    plt: PltNode | None = None,
 ) -> Litestar:
-    """Build one province node's ASGI app. Tests pass their own clock and OTP sender."""
+    """Build one province node's ASGI app. Tests pass their own clock and OTP sender, and
+    may pass the node's PLT/1 identity (`plt`) instead of keys on disk."""
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with open_context(
-            settings, clock=clock, otp_sender=otp_sender, scrypt_n=scrypt_n
+            settings, clock=clock, otp_sender=otp_sender, scrypt_n=scrypt_n, plt=plt
         ) as ctx:
             app.state.ctx = ctx
-            yield
+            workers = WorkerSet(ctx)
+            if settings.workers_enabled:
+                workers.start()
+            try:
+                yield
+            finally:
+                await workers.stop()
 
     app = Litestar(
         route_handlers=routes.ROUTE_HANDLERS,

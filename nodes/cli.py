@@ -13,6 +13,11 @@ credential: the operator's access to the database is the operator's credential h
     relationships pending         relationships waiting for operator review
     relationships approve|reject  decide one
     ledger check                  verify the books (balanced, nothing overdrawn)
+    keys init|rotate|revoke|show  this node's PLT/1 keys (root key, signing keys, key set)
+    directory add-peer|show       the peer directory: other provinces' nodes and root keys
+    network                       a local network of provinces on embedded PostgreSQL
+    grants in-doubt               grants undecided past their time, or decided but unacknowledged
+    receipt verify FILE           check a grant receipt offline against pinned root keys
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
@@ -33,6 +40,9 @@ from nodes.logging import configure_logging
 from nodes.settings import Settings, SettingsError, load_settings
 from wallet.context import WalletContext
 from wallet.errors import WalletError
+
+if TYPE_CHECKING:
+    from wallet.plt.node import NodeKeys
 
 console = Console()
 err_console = Console(stderr=True)
@@ -181,6 +191,169 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return await run_demo(settings, console)
 
 
+# --- PLT/1 keys and directory (files only: no database) ---------------------------------------
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        keys = _keys_action(args, settings)
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:  # KeysNotFound, bad kid
+        err_console.print(f"[red]keys:[/red] {escape(str(exc))}")
+        return 1
+    _print_keys(keys, settings.plt_public_url)
+    return 0
+
+
+def _keys_action(args: argparse.Namespace, settings: Settings) -> NodeKeys:
+    from protocol.errors import UnknownKey
+    from wallet.plt import node as plt_node
+
+    keys_dir = settings.plt_keys_dir
+    if args.action == "init":
+        keys = plt_node.init_keys(keys_dir, settings.node_id, _now_ms(), overwrite=args.force)
+        console.print(f"created keys for {keys.node_id} in {keys_dir}")
+    elif args.action == "rotate":
+        keys = plt_node.rotate(
+            keys_dir, _now_ms(), activate_after_ms=int(args.activate_after_hours * 3_600_000)
+        )
+        console.print(f"added a key; key set is now seq {keys.keyset.seq}")
+    elif args.action == "revoke":
+        try:
+            keys = plt_node.revoke(keys_dir, args.kid, _now_ms())
+        except UnknownKey as exc:
+            raise ValueError(exc.message) from None
+        console.print(f"revoked {args.kid}; key set is now seq {keys.keyset.seq}")
+    else:
+        keys = plt_node.NodeKeys.load(keys_dir)
+    return keys
+
+
+def _print_keys(keys: NodeKeys, public_url: str) -> None:
+    import msgspec
+
+    table = Table()
+    for column in ("kid", "public key", "not before (ms)", "not after (ms)", "revoked at (ms)"):
+        table.add_column(column, overflow="fold")
+    for record in keys.keyset.keys:
+        table.add_row(
+            record.kid,
+            record.ed25519_pub,
+            str(record.not_before_ms),
+            str(record.not_after_ms or ""),
+            str(record.revoked_at_ms or ""),
+        )
+    console.print(table)
+    console.print("peer entry for other nodes' peers.json (pins this node's root key):")
+    console.print(
+        msgspec.json.encode(keys.peer_entry(public_url)).decode(), highlight=False, soft_wrap=True
+    )
+
+
+async def cmd_directory(args: argparse.Namespace, settings: Settings) -> int:
+    import msgspec
+
+    from protocol.directory import Peer
+    from wallet.plt import node as plt_node
+
+    folder = settings.plt_directory_dir
+    peers: list[Peer] = []
+    regions: dict[str, str] = {}
+    if (folder / "peers.json").exists():
+        peers = msgspec.json.decode((folder / "peers.json").read_bytes(), type=list[Peer])
+    regions = plt_node.load_regions(folder)
+    if args.action == "add-peer":
+        entry = {"node": args.node, "url": args.url, "root_kid": args.root_kid}
+        try:
+            peer = msgspec.convert({**entry, "root_pub": args.root_pub}, Peer)
+        except msgspec.ValidationError as exc:
+            err_console.print(f"[red]invalid peer:[/red] {escape(str(exc))}")
+            return 2
+        peers = [p for p in peers if p.node != peer.node] + [peer]
+        if args.province:
+            regions[args.province] = peer.node
+        plt_node.write_directory(folder, peers, regions)
+        console.print(f"{peer.node} at {peer.url} added to {folder}")
+    table = Table("node", "url", "root kid", "province")
+    by_node = {v: k for k, v in regions.items()}
+    for p in peers:
+        table.add_row(p.node, p.url, p.root_kid, by_node.get(p.node, ""))
+    console.print(table)
+    return 0
+
+
+async def cmd_network(args: argparse.Namespace, settings: Settings) -> int:
+    from nodes.network import DEFAULT_PROVINCES, LocalNetwork, Province, describe
+    from wallet.otp import LogOtpSender
+
+    provinces = DEFAULT_PROVINCES[: args.provinces]
+    if args.province:
+        provinces = tuple(Province(*item.split(":", 1)) for item in args.province)
+    network = LocalNetwork(
+        provinces=provinces,
+        data_dir=Path(settings.data_dir) / "network",
+        workers=True,
+        persist=True,
+        fixed_ports=True,
+        operator_token=settings.operator_token or "op-local-network",
+        otp_factory=LogOtpSender,
+    )
+    async with network:
+        table = Table("node", "province", "url", "signing key")
+        for line in describe(network):
+            table.add_row(line["node"], line["province"], line["url"], line["kid"])
+        console.print(table)
+        console.print(f"operator token: {network.operator_token}   (Ctrl-C stops the network)")
+        await asyncio.Event().wait()
+    return 0
+
+
+async def _grants_in_doubt(ctx: WalletContext, args: argparse.Namespace) -> int:
+    from wallet.plt import grants
+
+    rows = await grants.in_doubt(ctx)
+    table = Table("side", "transfer", "peer", "state", "amount", "since", "why")
+    for r in rows:
+        amount = "" if r.amount_fen is None else _yuan(r.amount_fen)
+        table.add_row(r.side, r.transfer_id, r.peer, r.state, amount, str(r.since), r.why)
+    console.print(table)
+    console.print(f"{len(rows)} grant(s) in doubt")
+    return 0 if not rows else 3
+
+
+async def cmd_receipt_verify(args: argparse.Namespace, settings: Settings) -> int:
+    """Offline: no database, no network. Trust anchors: a peers.json (--peers, else the
+    node's directory) and this node's own root key."""
+    from wallet.plt import node as plt_node
+    from wallet.plt import receipts
+
+    peers = Path(args.peers) if args.peers else settings.plt_directory_dir / "peers.json"
+    roots: dict[str, tuple[str, str]] = {}
+    if peers.exists():
+        roots.update(receipts.load_root_keys(peers.read_bytes()))
+    try:
+        own = plt_node.NodeKeys.load(settings.plt_keys_dir)
+        roots.setdefault(own.node_id, (own.root.kid, own.root.public_b64))
+    except FileNotFoundError:
+        pass
+    try:
+        verdict = receipts.verify_receipt_file(args.file, roots)
+    except OSError as exc:
+        err_console.print(f"[red]receipt:[/red] {escape(str(exc))}")
+        return 2
+    table = Table("field", "value")
+    for name in ("transfer_id", "giver_node", "receiver_node", "amount_fen", "outcome"):
+        table.add_row(name, str(getattr(verdict, name)))
+    console.print(table)
+    for problem in verdict.problems:
+        console.print(f"[red]-[/red] {escape(problem)}")
+    console.print("[green]VALID[/green]" if verdict.valid else "[red]INVALID[/red]")
+    return 0 if verdict.valid else 1
+
+
 def _yuan(fen: int) -> str:
     return f"¥{fen // 100:,}.{fen % 100:02d}"
 
@@ -239,6 +412,58 @@ def build_parser() -> argparse.ArgumentParser:
 
     ledger = sub.add_parser("ledger").add_subparsers(dest="action", required=True)
     ledger.add_parser("check", help="verify the books").set_defaults(run=_with_ctx(_ledger_check))
+
+    keys = sub.add_parser("keys", help="this node's PLT/1 keys").add_subparsers(
+        dest="action", required=True
+    )
+    init = keys.add_parser("init", help="create the root key and a first signing key")
+    init.add_argument("--force", action="store_true", help="replace existing keys")
+    rotate = keys.add_parser("rotate", help="add a signing key (PROTOCOL b.11)")
+    rotate.add_argument(
+        "--activate-after-hours", type=float, default=24.0, help="sign with it after (24)"
+    )
+    revoke = keys.add_parser("revoke", help="revoke a compromised signing key now")
+    revoke.add_argument("kid")
+    keys.add_parser("show", help="the key set and this node's peer entry")
+    for p in (init, rotate, revoke, keys.choices["show"]):
+        p.set_defaults(run=cmd_keys)
+
+    directory = sub.add_parser("directory", help="the peer directory").add_subparsers(
+        dest="action", required=True
+    )
+    add_peer = directory.add_parser("add-peer", help="list a peer node and pin its root key")
+    add_peer.add_argument("--node", required=True, help="registry id, e.g. prov-31")
+    add_peer.add_argument("--url", required=True, help="base URL, e.g. https://plt.sh.example")
+    add_peer.add_argument("--root-kid", required=True)
+    add_peer.add_argument("--root-pub", required=True, help="base64url Ed25519 public key")
+    add_peer.add_argument("--province", help="GB/T 2260 code the peer serves, e.g. 310000")
+    directory.add_parser("show", help="list the peers")
+    for p in (add_peer, directory.choices["show"]):
+        p.set_defaults(run=cmd_directory)
+
+    network = sub.add_parser("network", help="a local multi-province network (embedded PostgreSQL)")
+    network.add_argument("--provinces", type=int, default=3, choices=[2, 3])
+    network.add_argument(
+        "--province",
+        action="append",
+        metavar="CODE:NODE",
+        help="a province to run instead of the defaults, e.g. 440000:prov-44 (repeat)",
+    )
+    network.set_defaults(run=cmd_network)
+
+    grants_cmd = sub.add_parser("grants", help="cross-province grants").add_subparsers(
+        dest="action", required=True
+    )
+    grants_cmd.add_parser("in-doubt", help="grants an operator should look at").set_defaults(
+        run=_with_ctx(_grants_in_doubt)
+    )
+    receipt = sub.add_parser("receipt", help="grant receipts").add_subparsers(
+        dest="action", required=True
+    )
+    verify = receipt.add_parser("verify", help="check a receipt offline")
+    verify.add_argument("file", help="the receipt JSON (GET /app/v1/grants/{id}/receipt)")
+    verify.add_argument("--peers", help="peers.json with the pinned root keys to trust")
+    verify.set_defaults(run=cmd_receipt_verify)
     return parser
 
 

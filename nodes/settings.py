@@ -44,10 +44,34 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     log_format: Literal["json", "console"] = "json"
     log_level: str = "INFO"
     rules: ProvinceRules = msgspec.field(default_factory=ProvinceRules)
+    # PLT/1: this node's keys (`plt-node keys init`) and its peer directory (peers.json,
+    # keysets/, regions.json); by default under data_dir/<node_id>/. Without keys the node
+    # runs in-province only.
+    keys_dir: str | None = None
+    directory_dir: str | None = None
+    # The base URL peers reach this node at (printed by `plt-node keys show`).
+    public_url: str | None = None
+    # Background workers (outbox sender, key set refresh, grant sweeper and resolver).
+    # Tests that drive the sender themselves (`transport.run_once`) turn them off.
+    workers_enabled: bool = True
 
     @property
     def embedded_data_dir(self) -> Path:
         return Path(self.data_dir) / self.node_id / "postgres"
+
+    @property
+    def plt_keys_dir(self) -> Path:
+        return Path(self.keys_dir) if self.keys_dir else Path(self.data_dir) / self.node_id / "keys"
+
+    @property
+    def plt_directory_dir(self) -> Path:
+        if self.directory_dir:
+            return Path(self.directory_dir)
+        return Path(self.data_dir) / self.node_id / "directory"
+
+    @property
+    def plt_public_url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"
 
 
 def _coerce_env(raw: Mapping[str, str], fields: set[str], prefix: str) -> dict[str, Any]:

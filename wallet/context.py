@@ -12,6 +12,7 @@ import asyncpg
 
 from wallet.clock import Clock, SystemClock
 from wallet.credentials import DEFAULT_SCRYPT_N
+from wallet.plt.node import PltNode  # a real import: Litestar resolves these hints at runtime
 from wallet.rules import ProvinceRules
 
 
@@ -31,3 +32,6 @@ class WalletContext:
     clock: Clock = field(default_factory=SystemClock)
     # scrypt work factor for new payment passwords (stored with each hash).
     scrypt_n: int = DEFAULT_SCRYPT_N
+    # This node on the PLT/1 network (keys, peer directory, HTTP client); None when the node
+    # has no keys yet (`plt-node keys init`), and then cross-province features answer 503.
+    plt: PltNode | None = None

@@ -23,6 +23,7 @@ from wallet.context import WalletContext
 from wallet.errors import ErrorCode, WalletError
 from wallet.idnumber import normalize_id_number
 from wallet.operator_files import RowFile, convert_row, read_rows, row_error
+from wallet.plt.relations import end_cross_for_person
 from wallet.records import AccountBalance
 from wallet.relationships import end_all_for_person
 
@@ -262,6 +263,8 @@ async def _end_relationships_of_leavers(
         reason = _end_reason(before.row, row)
         if reason is not None:
             ended += await end_all_for_person(conn, before.id, reason=reason, now=now)
+            # Cross-province ones too (RULES 6); the peers are told with REL_END.
+            await end_cross_for_person(ctx, conn, before.id, reason=reason, now=now)
     return ended
 
 
@@ -300,6 +303,8 @@ async def set_status(
         if person["status"] == "normal" and status != "normal":
             reason = _status_reason(status)
             ended = await end_all_for_person(conn, person["id"], reason=reason, now=now)
+            # Cross-province ones too (RULES 6); the peers are told with REL_END.
+            await end_cross_for_person(ctx, conn, person["id"], reason=reason, now=now)
         await audit.record(
             conn,
             at=now,

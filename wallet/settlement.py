@@ -6,11 +6,12 @@ amount, the category and its own reference. In ONE transaction the node
 
   1. consumes the code (guarded UPDATE: unused and unexpired, else used/expired),
   2. locks, in account-id order, the institution's account, the patient's personal account
-     and the personal accounts of every giver with an active relationship to the patient
-     (the relationship rows are share-locked, so an ending waits for the payment),
+     the personal accounts of every giver with an active relationship to the patient
+     (the relationship rows are share-locked, so an ending waits for the payment) and the
+     accounts of the patient's active cross-province quotas (share-locked likewise),
   3. reads the now stable balances and plans the deduction: own account first, then the
-     givers in the province's order (RULES 19: `filing_order`, `giver_balance_desc`,
-     `receiver_order`),
+     givers and quotas in the province's order (RULES 19: `filing_order`,
+     `giver_balance_desc`, `receiver_order`; `wallet.plt.quota.rank_shared_sources`),
   4. writes the settlement, one settlement_source row and one ledger transfer per source.
 
 If the sources do not cover the amount, the payment is refused (`insufficient_funds`) and
@@ -22,7 +23,9 @@ is settled and `remainder_fen` says what the patient still owes; covering nothin
 Settlements and refunds are idempotent on (institution, reference): the same request again
 returns what was stored (200), another request under the same reference is
 `idempotency_conflict`. A refund goes back to the exact sources, last source first
-(RULES 20), even to a giver whose relationship has ended since: it is their money.
+(RULES 20), even to a giver whose relationship has ended since: it is their money. A
+refund to a quota closed since then moves on to the giver's node at once (a new RELEASE;
+`wallet.plt.quota.release_refund_to_closed_quota`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from wallet.context import WalletContext
 from wallet.credentials import digest, new_numeric_code
 from wallet.errors import ErrorCode, WalletError
 from wallet.ledger import MAX_AMOUNT_FEN, balance, lock_accounts, transfer
+from wallet.plt import quota
 from wallet.privacy import mask_name
 from wallet.rules import FORBIDDEN_CATEGORIES, DeductionStrategy, ProvinceRules, SettlementCategory
 
@@ -164,7 +168,7 @@ FOR SHARE OF r
 # The same givers with their balances, read after the accounts are locked, in the order of
 # one deduction strategy each (fixed statements, chosen by the province's setting).
 _GIVERS_COLUMNS = """
-SELECT r.id AS relationship_id, a.id AS account_id,
+SELECT r.id AS relationship_id, a.id AS account_id, r.filed_at, r.receiver_priority,
        a.credits_posted - a.debits_posted - a.debits_pending AS available_fen
 FROM relationship r
 JOIN insured_person g ON g.id = r.giver_person_id
@@ -197,10 +201,12 @@ FROM settlement s JOIN insured_person p ON p.id = s.patient_person_id
 WHERE s.id = $1
 """
 _SOURCES_VIEW = """
-SELECT ss.seq, ss.source, ss.amount_fen, ss.refunded_fen, ss.relationship_id, g.name AS giver_name
+SELECT ss.seq, ss.source, ss.amount_fen, ss.refunded_fen, ss.relationship_id,
+       coalesce(g.name, q.giver_masked_name) AS giver_name
 FROM settlement_source ss
 LEFT JOIN relationship r ON r.id = ss.relationship_id
 LEFT JOIN insured_person g ON g.id = r.giver_person_id
+LEFT JOIN quota q ON q.account_id = ss.account_id
 WHERE ss.settlement_id = $1
 ORDER BY ss.seq
 """
@@ -240,11 +246,13 @@ WHERE f.id = $1
 # A settlement's sources have distinct accounts (own, one per giver), so the transfer's
 # credited account names the source it went back to.
 _REFUND_SOURCES_VIEW = """
-SELECT ss.seq, ss.source, t.amount_fen, ss.relationship_id, g.name AS giver_name
+SELECT ss.seq, ss.source, t.amount_fen, ss.relationship_id,
+       coalesce(g.name, q.giver_masked_name) AS giver_name
 FROM ledger_transfer t
 JOIN settlement_source ss ON ss.settlement_id = t.settlement_id AND ss.account_id = t.credit_account_id
 LEFT JOIN relationship r ON r.id = ss.relationship_id
 LEFT JOIN insured_person g ON g.id = r.giver_person_id
+LEFT JOIN quota q ON q.account_id = ss.account_id
 WHERE t.refund_id = $1
 ORDER BY ss.seq DESC
 """
@@ -468,7 +476,12 @@ async def _lock_and_rank_sources(
         )
     own_account_id: int | None = patient["personal_account_id"]
     givers = await conn.fetch(_LOCK_GIVERS, patient_id)
-    accounts = [institution.account_id, *(g["account_id"] for g in givers)]
+    quotas = await quota.spendable_quotas(conn, patient_id)
+    accounts = [
+        institution.account_id,
+        *(g["account_id"] for g in givers),
+        *(q.account_id for q in quotas),
+    ]
     if own_account_id is not None:
         accounts.append(own_account_id)
     await lock_accounts(conn, accounts)
@@ -477,14 +490,28 @@ async def _lock_and_rank_sources(
     if own_account_id is not None:
         own = await balance(conn, own_account_id)
         candidates.append(Candidate("own", own_account_id, None, own.available_fen))
+    shared: list[quota.SharedSource] = []
     if givers:
         ranked = await conn.fetch(
             _GIVERS_IN_ORDER[rules.deduction_strategy], [g["relationship_id"] for g in givers]
         )
-        candidates.extend(
-            Candidate("giver", r["account_id"], r["relationship_id"], r["available_fen"])
+        shared.extend(
+            quota.SharedSource(
+                "giver",
+                r["account_id"],
+                r["relationship_id"],
+                r["available_fen"],
+                r["filed_at"],
+                r["receiver_priority"],
+            )
             for r in ranked
         )
+    # Cross-province quotas go among the givers by the same strategy (RULES 19).
+    quota_sources = await quota.quota_sources(conn, patient_id, quotas)
+    candidates.extend(
+        Candidate(s.source, s.account_id, s.relationship_id, s.available_fen)
+        for s in quota.rank_shared_sources(rules.deduction_strategy, shared, quota_sources)
+    )
     # Refunds find their source by account: each account may appear once.
     assert len({c.account_id for c in candidates}) == len(candidates), "a source account repeats"
     return candidates
@@ -654,6 +681,8 @@ async def _refund_new(
                 settlement_id=settlement_id,
                 refund_id=refund_id,
             )
+            # A quota closed since the payment holds nothing: the refund moves on home.
+            await quota.release_refund_to_closed_quota(conn, source.account_id, take, now)
         return await _refund_view(conn, refund_id)
 
 

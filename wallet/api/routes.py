@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from wallet.api.app_cross_relationships import AppCrossRelationshipsController
+from wallet.api.app_grants import AppGrantsController
 from wallet.api.app_payments import AppPaymentCodesController
 from wallet.api.app_relationships import AppRelationshipsController
 from wallet.api.app_wallet import AppWalletController
@@ -13,6 +15,7 @@ from wallet.api.operator_institutions import (
     OperatorRelationshipsController,
 )
 from wallet.api.operator_people import OperatorPeopleController
+from wallet.api.plt import PltController
 from wallet.api.system import SystemController
 
 ROUTE_HANDLERS: list[Any] = [
@@ -24,4 +27,7 @@ ROUTE_HANDLERS: list[Any] = [
     InstitutionSettlementsController,
     OperatorInstitutionsController,
     OperatorRelationshipsController,
+    AppGrantsController,
+    AppCrossRelationshipsController,
+    PltController,
 ]

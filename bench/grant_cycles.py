@@ -1,0 +1,707 @@
+"""Benchmark: complete cross-province grant cycles between two real province nodes.
+
+    python bench/grant_cycles.py --pairs 64 --concurrency 16 --cycles 600 --scrypt-n 16384
+
+What runs (all on this machine, nothing mocked):
+
+* two PostgreSQL servers from the embedded wheel (one per province), fsync=on,
+  synchronous_commit=on (checked and printed);
+* two node processes (`python -m nodes serve`), Hebei prov-13 (givers, node A) and Shanghai
+  prov-31 (receivers, node B), with their own keys and peer directories, workers on (the
+  outbox sender delivers every message: PREPARE, RECEIVED, ACCEPT, DECISION, ACK);
+* a driver (this process) that loads N giver/receiver pairs straight into the two databases
+  (people, wallets with scrypt payment passwords, sessions, monthly credits, confirmed cross
+  relationships), then runs grant cycles at a chosen concurrency over HTTP: the giver
+  instructs (payment password), the receiver accepts as soon as B offers the grant (payment
+  password), and the cycle ends when A has B's ACK;
+* `pgbench -N` on server A in the same run, as the physical reference.
+
+Per-phase latencies come from the nodes' own timestamps (grant rows and the `plt_message`
+evidence log), plus the two HTTP calls and the whole cycle as the driver sees them.
+
+A benchmark, not a test: the 3-grants-a-day limit and the 22:00-06:00 blackout are lifted
+in the nodes' settings so cycles can repeat at any hour; every other rule and check runs.
+The payment-password KDF dominates on small machines: each cycle verifies two passwords
+(giver and receiver), so `--scrypt-n` is a flag and is printed with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import hashlib
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+import httpx
+import msgspec
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from nodes.embedded_pg import EmbeddedPostgres, pg_binary  # noqa: E402
+from nodes.migrate import migrate  # noqa: E402
+from protocol.ids import uuid7  # noqa: E402
+from wallet import ledger  # noqa: E402
+from wallet.credentials import digest, hash_password_sync  # noqa: E402
+from wallet.idnumber import check_character  # noqa: E402
+from wallet.plt.node import NodeKeys, write_directory  # noqa: E402
+
+A, B = "prov-13", "prov-31"
+PROVINCE = {A: "130000", B: "310000"}
+PASSWORD = "135790"
+OPERATOR_TOKEN = "op-bench"
+GIVER_BALANCE_FEN = 10**9  # never the bottleneck
+GRANT_FEN = 10_000
+POLL_S = 0.02  # the driver polls the databases for the next step at this pace
+DB = "plt"
+
+
+@dataclass
+class Pair:
+    giver_token: str
+    receiver_token: str
+    relation_id: str
+
+
+@dataclass
+class Cycle:
+    transfer_id: str
+    instruct_s: float = 0.0
+    accept_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass
+class Node:
+    node_id: str
+    port: int
+    server: EmbeddedPostgres
+    process: subprocess.Popen[bytes] | None = None
+    peak_rss_kb: int = 0
+    log: Path = field(default_factory=Path)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def dsn(self) -> str:
+        return self.server.dsn(DB)
+
+
+# --- setup -----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def id_number(seq: int, region: str) -> str:
+    first17 = f"{region}19800101{seq % 1000:03d}"
+    return first17 + check_character(first17)
+
+
+async def create_database(server: EmbeddedPostgres) -> None:
+    admin = await asyncpg.connect(server.dsn())
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{DB}"')
+        settings = {k: await admin.fetchval(f"SHOW {k}") for k in ("fsync", "synchronous_commit")}
+    finally:
+        await admin.close()
+    assert settings == {"fsync": "on", "synchronous_commit": "on"}, settings
+    conn = await asyncpg.connect(server.dsn(DB))
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+
+
+def write_keys(data: Path, nodes: dict[str, Node]) -> None:
+    now_ms = time.time_ns() // 1_000_000 - 60_000
+    keys = {n: NodeKeys.generate(n, now_ms) for n in nodes}
+    for n in nodes:
+        keys[n].save(data / n / "keys")
+        others = [o for o in nodes if o != n]
+        write_directory(
+            data / n / "directory",
+            [keys[o].peer_entry(nodes[o].url) for o in others],
+            {PROVINCE[o]: o for o in others},
+        )
+        (data / n / "directory" / "keysets").mkdir(parents=True, exist_ok=True)
+        for o in others:
+            (data / n / "directory" / "keysets" / f"{o}.json").write_bytes(
+                msgspec.json.encode(keys[o].document)
+            )
+
+
+def start_node(data: Path, node: Node, pool_max: int) -> None:
+    env = {
+        **os.environ,
+        "PLT_NODE_ID": node.node_id,
+        "PLT_PROVINCE_CODE": PROVINCE[node.node_id],
+        "DATABASE_URL": node.dsn,
+        "PLT_PORT": str(node.port),
+        "PLT_DATA_DIR": str(data),
+        "PLT_KEYS_DIR": str(data / node.node_id / "keys"),
+        "PLT_DIRECTORY_DIR": str(data / node.node_id / "directory"),
+        "PLT_OPERATOR_TOKEN": OPERATOR_TOKEN,
+        "PLT_WORKERS_ENABLED": "true",
+        "PLT_LOG_LEVEL": "WARNING",
+        "PLT_DB_POOL_MIN": "2",
+        "PLT_DB_POOL_MAX": str(pool_max),
+        "PLT_OTP_SENDER": "none",
+        "PLT_RULES__GRANTS_PER_GIVER_PER_DAY": "100000000",
+        "PLT_RULES__GRANT_BLACKOUT_START_HOUR": "0",
+        "PLT_RULES__GRANT_BLACKOUT_END_HOUR": "0",
+        "PLT_RULES__SESSION_TTL_S": "86400",
+    }
+    node.log = data / f"{node.node_id}.log"
+    with node.log.open("wb") as log:
+        node.process = subprocess.Popen(
+            [sys.executable, "-m", "nodes", "serve"], cwd=ROOT, env=env, stdout=log, stderr=log
+        )
+
+
+async def wait_up(node: Node, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient() as http:
+        while time.monotonic() < deadline:
+            try:
+                response = await http.get(node.url + "/plt/v1/keyset")
+                if response.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert node.process is not None and node.process.poll() is None, node.log.read_text()[
+                -3000:
+            ]
+            await asyncio.sleep(0.2)
+    raise TimeoutError(f"{node.node_id} did not come up")
+
+
+_PERSON = """
+INSERT INTO insured_person (id_number, name, scheme, status, pooling_region, phone)
+VALUES ($1, $2, $3, 'normal', $4, $5) RETURNING id
+"""
+_SET_ACCOUNT = "UPDATE insured_person SET personal_account_id = $2 WHERE id = $1"
+_WALLET = """
+INSERT INTO wallet (person_id, state, password_hash, opened_via, opened_at)
+VALUES ($1, 'open', $2, 'app', $3)
+"""
+_SESSION = """
+INSERT INTO app_session (token_hash, person_id, created_at, expires_at) VALUES ($1, $2, $3, $4)
+"""
+_GIVER_SIDE = """
+INSERT INTO cross_relationship
+    (relation_id, side, peer_node, person_id, other_name, other_id_number, other_ref,
+     other_province, relation_type, evidence_ref, state, request_hash, filed_at, delivered_at,
+     confirmed_at)
+VALUES ($1, 'giver', $2, $3, '李四', $4, $5, $6, 'child', 'bench', 'active', $7, $8, $8, $8)
+"""
+_RECEIVER_SIDE = """
+INSERT INTO cross_relationship
+    (relation_id, side, peer_node, person_id, other_name, other_ref, relation_type, state,
+     request_hash, filed_at, confirmed_at)
+VALUES ($1, 'receiver', $2, $3, '张*', $4, 'child', 'active', $5, $6, $6)
+"""
+
+
+async def person(
+    conn: asyncpg.Connection,
+    seq: int,
+    scheme: str,
+    region: str,
+    password_hash: str,
+    now: dt.datetime,
+) -> tuple[int, str, str]:
+    """A person with an open wallet and a session; returns (id, id_number, token)."""
+    number = id_number(seq, region)
+    pid: int = await conn.fetchval(
+        _PERSON, number, f"人{seq}", scheme, region[:2] + "0100", f"139{seq:08d}"
+    )
+    await conn.execute(_WALLET, pid, password_hash, now)
+    token = "sess_" + secrets.token_urlsafe(24)
+    await conn.execute(_SESSION, digest(token), pid, now, now + dt.timedelta(days=1))
+    return pid, number, token
+
+
+async def load_pairs(a: Node, b: Node, count: int, scrypt_n: int) -> list[Pair]:
+    """Givers at A (employee scheme, credited), receivers at B, confirmed relationships."""
+    password_hash = hash_password_sync(PASSWORD, scrypt_n)
+    now = dt.datetime.now(dt.UTC)
+    pairs: list[Pair] = []
+    ca = await asyncpg.connect(a.dsn)
+    cb = await asyncpg.connect(b.dsn)
+    try:
+        funding = await ca.fetchval("SELECT id FROM account WHERE kind = 'funding'")
+        for i in range(count):
+            relation_id = uuid7()
+            request_hash = hashlib.sha256(relation_id.encode()).hexdigest()
+            async with cb.transaction():
+                rpid, rnumber, rtoken = await person(
+                    cb, i, "resident", "310101", password_hash, now
+                )
+            async with ca.transaction():
+                gpid, gnumber, gtoken = await person(
+                    ca, 500 + i, "employee", "130102", password_hash, now
+                )
+                account = await ledger.open_account(ca, "personal", f"personal:{gnumber}")
+                await ca.execute(_SET_ACCOUNT, gpid, account)
+                await ledger.transfer(
+                    ca,
+                    debit_account_id=funding,
+                    credit_account_id=account,
+                    amount_fen=GIVER_BALANCE_FEN,
+                    purpose="monthly_credit",
+                )
+                await ca.execute(
+                    _GIVER_SIDE,
+                    relation_id,
+                    B,
+                    gpid,
+                    rnumber,
+                    f"w-{rpid}",
+                    PROVINCE[B],
+                    request_hash,
+                    now,
+                )
+            await cb.execute(_RECEIVER_SIDE, relation_id, A, rpid, f"p-{gpid}", request_hash, now)
+            pairs.append(Pair(gtoken, rtoken, relation_id))
+    finally:
+        await ca.close()
+        await cb.close()
+    return pairs
+
+
+# --- the cycles ----------------------------------------------------------------------------------
+
+
+async def wait_for(pool: asyncpg.Pool, sql: str, *args: object, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await pool.fetchval(sql, *args):
+            return
+        await asyncio.sleep(POLL_S)
+    raise TimeoutError(f"waited {timeout_s} s for: {sql.strip()} {args}")
+
+
+_OFFERED = "SELECT state = 'PENDING_ACCEPT' FROM grant_in WHERE from_node = $1 AND transfer_id = $2"
+_ACKED = "SELECT acked FROM grant_out WHERE transfer_id = $1"
+
+
+async def one_cycle(
+    pair: Pair,
+    http_a: httpx.AsyncClient,
+    http_b: httpx.AsyncClient,
+    pool_a: asyncpg.Pool,
+    pool_b: asyncpg.Pool,
+) -> Cycle:
+    cycle = Cycle(uuid7())
+    t0 = time.perf_counter()
+    response = await http_a.post(
+        "/app/v1/grants",
+        json={
+            "transfer_id": cycle.transfer_id,
+            "relation_id": pair.relation_id,
+            "amount_fen": GRANT_FEN,
+            "payment_password": PASSWORD,
+        },
+        headers={"Authorization": f"Bearer {pair.giver_token}"},
+    )
+    cycle.instruct_s = time.perf_counter() - t0
+    assert response.status_code == 202, response.text
+    await wait_for(pool_b, _OFFERED, A, cycle.transfer_id)
+    t1 = time.perf_counter()
+    response = await http_b.post(
+        f"/app/v1/grants/incoming/{cycle.transfer_id}/accept",
+        json={"payment_password": PASSWORD},
+        headers={"Authorization": f"Bearer {pair.receiver_token}"},
+    )
+    cycle.accept_s = time.perf_counter() - t1
+    assert response.status_code == 200, response.text
+    await wait_for(pool_a, _ACKED, cycle.transfer_id)
+    cycle.total_s = time.perf_counter() - t0
+    return cycle
+
+
+async def run_cycles(
+    a: Node, b: Node, pairs: list[Pair], concurrency: int, cycles: int
+) -> tuple[list[Cycle], float]:
+    limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency)
+    queue: asyncio.Queue[Pair] = asyncio.Queue()
+    for p in pairs:
+        queue.put_nowait(p)
+    done: list[Cycle] = []
+    remaining = cycles
+    async with (
+        httpx.AsyncClient(base_url=a.url, limits=limits, timeout=60) as http_a,
+        httpx.AsyncClient(base_url=b.url, limits=limits, timeout=60) as http_b,
+    ):
+        pool_a = await asyncpg.create_pool(a.dsn, min_size=1, max_size=4)
+        pool_b = await asyncpg.create_pool(b.dsn, min_size=1, max_size=4)
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                pair = await queue.get()  # a pair has one grant in flight at a time (RULES 13)
+                try:
+                    done.append(await one_cycle(pair, http_a, http_b, pool_a, pool_b))
+                finally:
+                    queue.put_nowait(pair)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+        await pool_a.close()
+        await pool_b.close()
+    return done, elapsed
+
+
+# Phase durations from the nodes' own records, in ms. A and B share this machine's clock.
+_PHASES_A = """
+SELECT g.transfer_id,
+       extract(epoch FROM (rcv.at - g.created_at)) * 1000 AS prepare_to_received,
+       g.decided_at, g.vote, extract(epoch FROM (ack.at - g.decided_at)) * 1000 AS decision_to_ack
+FROM grant_out g
+JOIN LATERAL (SELECT min(at) AS at FROM plt_message
+              WHERE dedup_key = g.transfer_id AND typ = 'RECEIVED' AND direction = 'in') rcv ON true
+JOIN LATERAL (SELECT min(at) AS at FROM plt_message
+              WHERE dedup_key = g.transfer_id AND typ = 'ACK' AND direction = 'in') ack ON true
+WHERE g.transfer_id = ANY($1::text[])
+"""
+_PHASES_B = """
+SELECT transfer_id, received_at, decided_at FROM grant_in
+WHERE from_node = $2 AND transfer_id = ANY($1::text[])
+"""
+
+
+async def phases(a: Node, b: Node, done: list[Cycle]) -> dict[str, list[float]]:
+    from protocol.messages import Accept, MessageType, decode_body
+
+    ids = [c.transfer_id for c in done]
+    ca, cb = await asyncpg.connect(a.dsn), await asyncpg.connect(b.dsn)
+    try:
+        rows_a = {r["transfer_id"]: r for r in await ca.fetch(_PHASES_A, ids)}
+        rows_b = {r["transfer_id"]: r for r in await cb.fetch(_PHASES_B, ids, A)}
+        created = {
+            r["transfer_id"]: r["created_at"]
+            for r in await ca.fetch(
+                "SELECT transfer_id, created_at FROM grant_out WHERE transfer_id = ANY($1::text[])",
+                ids,
+            )
+        }
+    finally:
+        await ca.close()
+        await cb.close()
+    out: dict[str, list[float]] = {
+        "instruct (HTTP, giver's password)": [c.instruct_s * 1000 for c in done],
+        "PREPARE -> B holds (A commit to B commit)": [],
+        "PREPARE -> RECEIVED back at A": [],
+        "accept (HTTP, receiver's password)": [c.accept_s * 1000 for c in done],
+        "ACCEPT -> DECISION (B accept to A commit)": [],
+        "DECISION -> B posts": [],
+        "DECISION -> ACK back at A": [],
+        "whole cycle (driver)": [c.total_s * 1000 for c in done],
+    }
+    for tid in ids:
+        ra, rb = rows_a[tid], rows_b[tid]
+        accept = decode_body(MessageType.ACCEPT, bytes(ra["vote"]))
+        assert isinstance(accept, Accept)
+        accepted_at = dt.datetime.fromtimestamp(accept.accepted_at_ms / 1000, dt.UTC)
+        out["PREPARE -> B holds (A commit to B commit)"].append(
+            (rb["received_at"] - created[tid]).total_seconds() * 1000
+        )
+        out["PREPARE -> RECEIVED back at A"].append(float(ra["prepare_to_received"]))
+        out["ACCEPT -> DECISION (B accept to A commit)"].append(
+            (ra["decided_at"] - accepted_at).total_seconds() * 1000
+        )
+        out["DECISION -> B posts"].append(
+            (rb["decided_at"] - ra["decided_at"]).total_seconds() * 1000
+        )
+        out["DECISION -> ACK back at A"].append(float(ra["decision_to_ack"]))
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def peak_rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def pgbench(server: EmbeddedPostgres, clients: int, seconds: int, scale: int) -> str:
+    """`pgbench -N` (simple updates, no branch/teller hot rows) on the same server."""
+    dsn_args = ["-h", "127.0.0.1", "-p", str(server.port), "-U", "postgres"]
+    await _fresh_db(server, "pgbench")
+    return await asyncio.to_thread(_pgbench_run, dsn_args, clients, seconds, scale)
+
+
+def _pgbench_run(dsn_args: list[str], clients: int, seconds: int, scale: int) -> str:
+    bench = str(pg_binary("pgbench"))
+    subprocess.run(
+        [bench, *dsn_args, "-i", "-q", "-s", str(scale), "pgbench"], check=True, capture_output=True
+    )
+    result = subprocess.run(
+        [bench, *dsn_args, "-N", "-c", str(clients), "-j", "2", "-T", str(seconds), "pgbench"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    match = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", result.stdout)
+    return match[1] if match else result.stdout[-400:]
+
+
+async def _fresh_db(server: EmbeddedPostgres, name: str) -> None:
+    admin = await asyncpg.connect(server.dsn())
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+
+
+# --- the 06:00 mass expiry ---------------------------------------------------------------------
+
+_EXPIRING_HOLD = """
+INSERT INTO ledger_transfer (debit_account_id, credit_account_id, amount_fen, phase, purpose)
+VALUES ($1, $2, $3, 'pending', 'cross_province_grant') RETURNING id
+"""
+_EXPIRING_GRANT = """
+INSERT INTO grant_out
+    (transfer_id, request_hash, relation_id, giver_person_id, to_node, receiver_account_ref,
+     amount_fen, state, local_day, decide_by, hold_ref, hold_id, prepare, prepare_hash,
+     window_id, created_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, 'PREPARED_A', $8, $9, $10, $11, $12, $13, $14, $15)
+"""
+
+
+async def load_expiring(a: Node, count: int) -> None:
+    """`count` PREPARED_A grants whose deadline has just passed, as if it were 06:00.
+
+    Written straight into A's tables with real holds (the deferred checks run), each to its
+    own made-up receiver at B, so B answers the ABORT fan-out with tombstones.
+    """
+    from protocol.clock import window_id
+    from protocol.messages import (
+        GiverRef,
+        Prepare,
+        ReceiverRef,
+        RelationRef,
+        RelationType,
+        UserAuth,
+        encode_body,
+        hash_body,
+    )
+    from wallet.plt.quota import clearing_account
+
+    now = dt.datetime.now(dt.UTC)
+    created = now - dt.timedelta(hours=20)
+    decide_by = now - dt.timedelta(seconds=1)
+    conn = await asyncpg.connect(a.dsn)
+    try:
+        givers = await conn.fetch(
+            "SELECT p.id, p.personal_account_id FROM insured_person p "
+            "WHERE p.personal_account_id IS NOT NULL ORDER BY p.id"
+        )
+        for start in range(0, count, 1000):
+            async with conn.transaction():
+                for i in range(start, min(count, start + 1000)):
+                    giver = givers[i % len(givers)]
+                    tid = uuid7()
+                    prepare = Prepare(
+                        transfer_id=tid,
+                        giver=GiverRef(node=A, account_ref=f"p-{giver['id']}", masked_name="张*"),
+                        receiver=ReceiverRef(account_id=f"w-x{i}"),
+                        relation=RelationRef(
+                            relation_id=uuid7(), type=RelationType.CHILD, verified_by_A=True
+                        ),
+                        amount_fen=100,
+                        currency="CNY",
+                        fee_fen=0,
+                        accept_within_ms=int((decide_by - created).total_seconds() * 1000),
+                        window_id=window_id(int(created.timestamp() * 1000)),
+                        user_auth=UserAuth(method="pin", verified_at_ms=0, ref="bench"),
+                        a_hold_id=uuid7(),
+                    )
+                    due_to = await clearing_account(conn, "due_to", B, tid)
+                    hold = await conn.fetchval(
+                        _EXPIRING_HOLD, giver["personal_account_id"], due_to, 100
+                    )
+                    await conn.execute(
+                        _EXPIRING_GRANT,
+                        tid,
+                        "0" * 64,
+                        prepare.relation.relation_id,
+                        giver["id"],
+                        B,
+                        f"w-x{i}",
+                        100,
+                        created.date(),
+                        decide_by,
+                        prepare.a_hold_id,
+                        hold,
+                        encode_body(prepare),
+                        hash_body(prepare),
+                        prepare.window_id,
+                        created,
+                    )
+    finally:
+        await conn.close()
+
+
+async def mass_expiry(a: Node, count: int) -> tuple[float, float]:
+    """Seconds until the sweeper aborted every row, and until every ABORT was ACKed."""
+    await load_expiring(a, count)
+    started = time.perf_counter()
+    pool = await asyncpg.create_pool(a.dsn, min_size=1, max_size=2)
+    try:
+        await wait_for(
+            pool, "SELECT count(*) = 0 FROM grant_out WHERE state = 'PREPARED_A'", timeout_s=3600
+        )
+        swept = time.perf_counter() - started
+        await wait_for(
+            pool,
+            "SELECT count(*) = 0 FROM grant_out WHERE state = 'ABORTED' AND NOT acked",
+            timeout_s=3600,
+        )
+        acked = time.perf_counter() - started
+    finally:
+        await pool.close()
+    return swept, acked
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+async def bench(args: argparse.Namespace) -> None:
+    data = (ROOT / args.data_dir).resolve()
+    if data.exists():
+        shutil.rmtree(data)
+    nodes = {n: Node(n, free_port(), EmbeddedPostgres(data / n / "postgres")) for n in (A, B)}
+    try:
+        for node in nodes.values():
+            node.server.start()
+            await create_database(node.server)
+        write_keys(data, nodes)
+        for node in nodes.values():
+            start_node(data, node, args.pool_max)
+        for node in nodes.values():
+            await wait_up(node)
+        a, b = nodes[A], nodes[B]
+        t = time.perf_counter()
+        pairs = await load_pairs(a, b, args.pairs, args.scrypt_n)
+        load_s = time.perf_counter() - t
+        if args.warmup:
+            await run_cycles(a, b, pairs, args.concurrency, args.warmup)
+        done, elapsed = await run_cycles(a, b, pairs, args.concurrency, args.cycles)
+        for node in nodes.values():
+            assert node.process is not None
+            node.peak_rss_kb = peak_rss_kb(node.process.pid)
+        measured = await phases(a, b, done)
+        books = []
+        for node in nodes.values():
+            conn = await asyncpg.connect(node.dsn)
+            try:
+                books.append((node.node_id, (await ledger.check_books(conn)).balanced))
+            finally:
+                await conn.close()
+        tps = await pgbench(a.server, args.concurrency, args.pgbench_seconds, args.pgbench_scale)
+        print_report(args, pairs, load_s, done, elapsed, measured, nodes, books, tps)
+        if args.expire:
+            swept, acked = await mass_expiry(a, args.expire)
+            print(
+                f"06:00 expiry of {args.expire} grants: all aborted in {swept:.1f} s "
+                f"({args.expire / swept:.0f}/s, sweeper batches of 1,000, idle pause 10 s "
+                f"included), every ABORT acknowledged by {B} in {acked:.1f} s"
+            )
+    finally:
+        for node in nodes.values():
+            if node.process is not None and node.process.poll() is None:
+                node.process.send_signal(signal.SIGTERM)
+                try:
+                    node.process.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    node.process.kill()
+            node.server.stop()
+        if not args.keep:
+            shutil.rmtree(data, ignore_errors=True)
+
+
+def print_report(
+    args: argparse.Namespace,
+    pairs: list[Pair],
+    load_s: float,
+    done: list[Cycle],
+    elapsed: float,
+    measured: dict[str, list[float]],
+    nodes: dict[str, Node],
+    books: list[tuple[str, bool]],
+    tps: str,
+) -> None:
+    print(f"machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+    print("durability: fsync=on, synchronous_commit=on on both servers (checked)")
+    print(
+        f"setup: {len(pairs)} pairs loaded in {load_s:.1f} s; concurrency {args.concurrency}; "
+        f"scrypt_n {args.scrypt_n} (2 password checks per cycle)"
+    )
+    print(f"cycles: {len(done)} in {elapsed:.1f} s = {len(done) / elapsed:.1f} cycles/s")
+    print(f"{'phase (ms)':46} {'p50':>8} {'p95':>8} {'p99':>8}")
+    for name, values in measured.items():
+        print(
+            f"{name:46} {pct(values, 0.5):8.1f} {pct(values, 0.95):8.1f} {pct(values, 0.99):8.1f}"
+        )
+    for node in nodes.values():
+        print(f"peak RSS {node.node_id}: {node.peak_rss_kb / 1024:.0f} MiB")
+    print("books balanced: " + ", ".join(f"{n} {'yes' if ok else 'NO'}" for n, ok in books))
+    print(
+        f"pgbench -N on {A}'s server, {args.concurrency} clients, {args.pgbench_seconds} s, "
+        f"scale {args.pgbench_scale}: {tps} tps"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=64, help="giver/receiver pairs (64)")
+    parser.add_argument("--concurrency", type=int, default=16, help="cycles in flight (16)")
+    parser.add_argument("--cycles", type=int, default=400, help="measured cycles (400)")
+    parser.add_argument("--warmup", type=int, default=32, help="unmeasured cycles first (32)")
+    parser.add_argument(
+        "--scrypt-n", type=int, default=2**14, help="payment-password scrypt cost (16384)"
+    )
+    parser.add_argument("--pool-max", type=int, default=20, help="DB pool per node (20)")
+    parser.add_argument("--pgbench-seconds", type=int, default=15)
+    parser.add_argument("--pgbench-scale", type=int, default=10)
+    parser.add_argument(
+        "--expire", type=int, default=0, help="then expire this many grants at once (0: skip)"
+    )
+    parser.add_argument("--data-dir", default="data/bench")
+    parser.add_argument("--keep", action="store_true", help="keep the data folder")
+    args = parser.parse_args()
+    if args.concurrency > args.pairs:
+        parser.error("--concurrency cannot exceed --pairs (one grant in flight per pair)")
+    asyncio.run(bench(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Background workers of a node, started and stopped by the app's lifespan.
+
+A worker is a *pass* (`async def run_once(ctx) -> result`) run over and over: again at once
+while the pass found work (a truthy result: rows handled, a non-empty SendReport), else
+after `interval_s`. Workers coordinate through PostgreSQL only (SKIP LOCKED, leases), so any
+number of replicas of a node may run them. A pass that raises is logged and retried after a
+growing pause; it never takes the node down. Stopping lets the current pass finish (up to a
+timeout), then cancels it: every pass is made of short transactions, so a cancelled one
+leaves nothing half done (claimed outbox rows come due again when their lease ends).
+
+Register a pass with `register_worker(name, run_once, interval_s=...)` below, in this
+module (wallet/ never imports nodes/).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from wallet.context import WalletContext
+from wallet.plt import grants, transport
+
+log = structlog.get_logger("nodes.workers")
+
+FAILURE_PAUSE_S_MIN = 1.0
+FAILURE_PAUSE_S_MAX = 30.0
+STOP_TIMEOUT_S = 5.0
+
+Pass = Callable[[WalletContext], Awaitable[object]]
+
+
+@dataclass(frozen=True)
+class Worker:
+    name: str
+    run_once: Pass
+    interval_s: float
+    # Passes that talk to peers need the node's PLT/1 keys; without them they do not start.
+    needs_plt: bool = True
+
+
+WORKERS: list[Worker] = []
+
+
+def register_worker(
+    name: str, run_once: Pass, *, interval_s: float, needs_plt: bool = True
+) -> Worker:
+    """Add (or replace, by name) a worker pass run every `interval_s` while idle."""
+    if interval_s <= 0:
+        raise ValueError("interval_s must be positive")
+    worker = Worker(name, run_once, interval_s, needs_plt)
+    WORKERS[:] = [w for w in WORKERS if w.name != name]
+    WORKERS.append(worker)
+    return worker
+
+
+# --- the node's workers ------------------------------------------------------------------------
+
+# Transport: deliver the outbox; keep peers' key sets fresh.
+register_worker("plt-sender", transport.run_once, interval_s=transport.SENDER_IDLE_S)
+register_worker(
+    "plt-keysets", transport.refresh_keysets_once, interval_s=transport.KEYSET_REFRESH_S
+)
+# Grants: A aborts grants past their deadline; B asks A about holds in doubt.
+register_worker("grants-sweeper", grants.sweeper_run_once, interval_s=grants.SWEEP_INTERVAL_S)
+register_worker("grants-resolver", grants.resolver_run_once, interval_s=grants.RESOLVE_INTERVAL_S)
+
+
+class WorkerSet:
+    """The running workers of one node."""
+
+    def __init__(self, ctx: WalletContext, workers: Sequence[Worker] | None = None) -> None:
+        self._ctx = ctx
+        self._workers = list(WORKERS if workers is None else workers)
+        self._stop = asyncio.Event()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._tasks)
+
+    def start(self) -> None:
+        """Start every worker this node can run (peer-facing ones only with PLT/1 keys)."""
+        for worker in self._workers:
+            if worker.needs_plt and self._ctx.plt is None:
+                log.info("worker_skipped", worker=worker.name, reason="no PLT/1 keys")
+                continue
+            self._tasks[worker.name] = asyncio.create_task(
+                self._supervise(worker), name=f"worker:{worker.name}"
+            )
+        log.info("workers_started", workers=self.names)
+
+    async def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Let current passes finish (at most `timeout_s`), then cancel what is left."""
+        self._stop.set()
+        tasks = list(self._tasks.values())
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        log.info("workers_stopped", cancelled=len(pending))
+
+    async def _supervise(self, worker: Worker) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                result = await worker.run_once(self._ctx)
+                failures = 0
+                if result:
+                    await asyncio.sleep(0)  # let the node breathe between busy passes
+                    continue
+                pause = worker.interval_s
+            except Exception as exc:  # a failing pass is retried, never fatal to the node
+                failures += 1
+                pause = min(FAILURE_PAUSE_S_MAX, FAILURE_PAUSE_S_MIN * 2 ** (failures - 1))
+                log.error(
+                    "worker_pass_failed",
+                    worker=worker.name,
+                    failures=failures,
+                    error=repr(exc),
+                    exc_info=exc,
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=pause)

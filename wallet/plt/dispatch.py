@@ -1,0 +1,65 @@
+"""Which code handles which PLT/1 message: a registry filled by the features.
+
+The transport opens and verifies an envelope, then calls `dispatch`. A handler runs its
+own local transaction and returns the body of the signed reply (or None when the message
+was itself a reply and needs no answer). Handlers must be idempotent: the transport may
+deliver the same message any number of times.
+
+    transport (wallet.plt.transport)      features
+    --------------------------------      -----------------------------------------
+    POST /plt/v1/messages  ─┐             wallet.plt.relations  REL_* and RELEASE
+    sender: replies        ─┴─ dispatch ─ wallet.plt.grants     PREPARE .. ACK, STATUS
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from protocol.messages import Body, MessageType
+from wallet.context import WalletContext
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A verified message, as the handler sees it."""
+
+    from_node: str
+    typ: MessageType
+    body: Body
+    body_hash: str  # SHA-256 hex of the body bytes as received
+    envelope: bytes  # the whole envelope as received (evidence)
+    msg_id: str
+    now_ms: int
+    # True when this arrived as the synchronous answer to something we sent.
+    is_reply: bool = False
+
+
+Handler = Callable[[WalletContext, Incoming], Awaitable[Body | None]]
+
+_HANDLERS: dict[MessageType, Handler] = {}
+
+
+class NoHandler(LookupError):
+    """No feature handles this message type at this node."""
+
+
+def handles(*typs: MessageType) -> Callable[[Handler], Handler]:
+    """Register a handler for message types (at import time of the feature module)."""
+
+    def register(handler: Handler) -> Handler:
+        for typ in typs:
+            if typ in _HANDLERS and _HANDLERS[typ] is not handler:
+                raise RuntimeError(f"{typ} already has a handler")
+            _HANDLERS[typ] = handler
+        return handler
+
+    return register
+
+
+async def dispatch(ctx: WalletContext, message: Incoming) -> Body | None:
+    """Hand a verified message to its feature; raise NoHandler if none is registered."""
+    handler = _HANDLERS.get(message.typ)
+    if handler is None:
+        raise NoHandler(message.typ)
+    return await handler(ctx, message)

@@ -1,0 +1,889 @@
+"""Node A, the giver's node: instructions, B's replies and votes, expiry, status, RELEASE.
+
+A coordinates (PROTOCOL b.5-b.6): it holds the giver's amount and sends PREPARE in one
+transaction, commits if and only if B's binding ACCEPT is recorded by `decide_by` on A's
+own clock (the next 06:00 in the province's timezone, RULES 12), otherwise aborts. Each
+function below loads the grant row locked, steps `protocol.giver`, executes the effects and
+writes the row in one transaction:
+
+    instruct        client instruction  -> PREPARED_A (hold, PREPARE queued) or REJECTED
+    on_reply        RECEIVED / DECLINE / ACCEPT / ACK from B
+    sweep_once      PREPARED_A past decide_by -> ABORTED 3303, in batches (SKIP LOCKED)
+    on_status_req   B's resolver asks; the stored signed DECISION goes back
+    on_release      B closed quotas (relationship ended): the unused part goes home
+
+Rules checked at instruction (RULES 12-15, `ctx.rules`): the relationship is a confirmed,
+active cross-province one of this giver; amount <= grant_max_fen; at most
+grants_per_giver_per_day grants per calendar day in the province's timezone, counting
+pending and committed ones (rejected and aborted ones do not count); no grants in the
+blackout hours; no new grant on a pair while one is pending; the giver's personal account
+covers the amount. Received quota cannot be granted onward (RULES 15) by construction: a
+grant holds the giver's *personal* account only, and quotas are separate accounts of kind
+'quota' (`allow_regrant` has nothing to switch on until quotas may be a grant's source).
+
+A giver's instructions are serialised by a transaction-scoped advisory lock on the giver,
+so the daily count, the pair rule and the balance are judged over committed rows; the
+unique partial index on pending pairs and the no-overdraft CHECK hold them in SQL anyway.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import asyncpg
+import msgspec
+
+from protocol import giver
+from protocol.clock import next_0600, window_id
+from protocol.effects import (
+    Alert,
+    AlertKind,
+    Effect,
+    HoldGiver,
+    NotifyGiver,
+    PostHold,
+    Reply,
+    ReportStatus,
+    Send,
+    StopRetries,
+    StoreEvidence,
+    VoidHold,
+)
+from protocol.errors import ErrorClass, ErrorCode
+from protocol.giver import GiverState, GiverTransfer
+from protocol.ids import is_uuid7, uuid7
+from protocol.messages import (
+    Accept,
+    Ack,
+    Body,
+    Decision,
+    Decline,
+    ErrorBody,
+    GiverRef,
+    MessageType,
+    Prepare,
+    Received,
+    ReceiverRef,
+    RelationRef,
+    RelationType,
+    Release,
+    RelReply,
+    Status,
+    StatusItem,
+    StatusReq,
+    UserAuth,
+    encode_body,
+)
+from wallet import ledger
+from wallet.context import WalletContext
+from wallet.errors import ErrorCode as WalletCode
+from wallet.errors import WalletError
+from wallet.payment_password import verify_payment_password
+from wallet.plt import outbox, relations
+from wallet.plt.dispatch import Incoming, handles
+from wallet.plt.grants_base import (
+    PURPOSE_GRANT,
+    PURPOSE_GRANT_RETURNED,
+    PURPOSE_QUOTA_RELEASED,
+    LostRace,
+    decode,
+    encode,
+    from_ms,
+    log,
+    raise_alert,
+    retry_lost_races,
+    to_ms,
+)
+from wallet.plt.links import relation_at_giver, sealed_envelope
+from wallet.plt.quota import clearing_account
+from wallet.privacy import mask_name
+from wallet.rules import ProvinceRules
+
+SWEEP_BATCH = 1_000  # rows per sweeper statement (PROTOCOL b.7: the 06:00 herd)
+SWEEP_BATCHES_MAX = 1_000  # a bound on one run: 1M rows
+MAX_LISTED = 500
+_ADVISORY_CLASS = 0x4752  # "GR": the giver lock's key space, apart from other advisory locks
+
+# --- statements ------------------------------------------------------------------------------
+
+_COLUMNS = """
+transfer_id, request_hash, relation_id, giver_person_id, to_node, receiver_account_ref,
+amount_fen, state, reject_code, local_day, decide_by, hold_ref, hold_id, prepare, prepare_hash,
+b_seen, vote_typ, vote, vote_hash, decision, decision_hash, acked, window_id, released_fen,
+version, created_at, decided_at
+"""
+_LOAD = f"SELECT {_COLUMNS} FROM grant_out WHERE transfer_id = $1"
+_LOAD_FOR_UPDATE = _LOAD + " FOR UPDATE"
+_LOAD_MANY = f"SELECT {_COLUMNS} FROM grant_out WHERE transfer_id = ANY($1::text[])"
+_LOCK_GIVER = "SELECT pg_advisory_xact_lock($1, $2)"
+_GIVER = """
+SELECT p.scheme, p.status, p.name, p.personal_account_id, w.state AS wallet_state
+FROM insured_person p LEFT JOIN wallet w ON w.person_id = p.id
+WHERE p.id = $1
+"""
+_COUNT_TODAY = """
+SELECT count(*) FROM grant_out
+WHERE giver_person_id = $1 AND local_day = $2 AND state IN ('PREPARED_A', 'COMMITTED')
+"""
+_PAIR_PENDING = """
+SELECT 1 FROM grant_out
+WHERE giver_person_id = $1 AND to_node = $2 AND receiver_account_ref = $3 AND state = 'PREPARED_A'
+"""
+_PEER_FROZEN = "SELECT 1 FROM peer_link WHERE node = $1"
+_INSERT = """
+INSERT INTO grant_out
+    (transfer_id, request_hash, relation_id, giver_person_id, to_node, receiver_account_ref,
+     amount_fen, state, reject_code, local_day, decide_by, hold_ref, hold_id, prepare,
+     prepare_hash, window_id, created_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+ON CONFLICT (transfer_id) DO NOTHING
+RETURNING transfer_id
+"""
+_SAVE = """
+UPDATE grant_out
+SET state = $3, b_seen = $4, vote_typ = $5, vote = $6, vote_hash = $7, decision = $8,
+    decision_hash = $9, acked = $10, decided_at = $11
+WHERE transfer_id = $1 AND version = $2
+RETURNING version
+"""
+_DUE = f"""
+SELECT {_COLUMNS} FROM grant_out
+WHERE state = 'PREPARED_A' AND decide_by < $1
+ORDER BY decide_by
+LIMIT $2
+FOR UPDATE SKIP LOCKED
+"""
+_HOLD_ACCOUNTS = """
+SELECT debit_account_id, credit_account_id FROM ledger_transfer WHERE id = ANY($1::bigint[])
+"""
+_STORED_DECISION = """
+SELECT envelope FROM plt_message
+WHERE dedup_key = $1 AND typ = 'DECISION' AND direction = 'out' AND to_node = $2
+ORDER BY id LIMIT 1
+"""
+_LOAD_RELEASE = """
+SELECT body_hash, reply FROM grant_release WHERE direction = 'in' AND release_id = $1
+"""
+_INSERT_RELEASE_IN = """
+INSERT INTO grant_release (direction, release_id, peer_node, relation_id, body, body_hash,
+                           reply, returned_fen, created_at)
+VALUES ('in', $1, $2, $3, $4, $5, $6, $7, $8)
+ON CONFLICT (direction, release_id) DO NOTHING
+RETURNING release_id
+"""
+_LOCK_RELEASED_GRANTS = f"""
+SELECT {_COLUMNS} FROM grant_out WHERE transfer_id = ANY($1::text[]) ORDER BY transfer_id FOR UPDATE
+"""
+_ADD_RELEASED = """
+UPDATE grant_out SET released_fen = $3
+WHERE transfer_id = $1 AND released_fen = $2 AND state = 'COMMITTED' AND $3 <= amount_fen
+RETURNING transfer_id
+"""
+_GIVER_ACCOUNT = "SELECT personal_account_id FROM insured_person WHERE id = $1"
+_OF_GIVER = f"""
+SELECT {_COLUMNS} FROM grant_out WHERE giver_person_id = $1
+ORDER BY created_at DESC, transfer_id DESC LIMIT $2
+"""
+
+
+# --- views -----------------------------------------------------------------------------------
+
+
+class GrantView(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A grant as its giver sees it.
+
+    `state` is A's protocol state: PREPARED_A (waiting for the receiver), COMMITTED (the
+    receiver has the quota), ABORTED (declined, expired or refused by B: the amount is back),
+    REJECTED (refused at instruction: nothing was held). `code` is the PLT/1 error code of a
+    rejection or an abort (3303 expired, 5104 declined, ...).
+    """
+
+    transfer_id: str
+    relation_id: str
+    to_node: str
+    amount_fen: int
+    state: GiverState
+    code: int | None
+    decide_by: dt.datetime
+    created_at: dt.datetime
+    decided_at: dt.datetime | None
+    receiver_seen: bool
+    acknowledged: bool
+    released_fen: int
+
+
+def _view(row: asyncpg.Record) -> GrantView:
+    code: int | None = row["reject_code"]
+    if row["decision"] is not None:
+        decision = decode(MessageType.DECISION, row["decision"])
+        assert isinstance(decision, Decision)
+        if decision.reason is not None:
+            code = int(decision.reason.code)
+    return GrantView(
+        transfer_id=row["transfer_id"],
+        relation_id=row["relation_id"],
+        to_node=row["to_node"],
+        amount_fen=row["amount_fen"],
+        state=GiverState(row["state"]),
+        code=code,
+        decide_by=row["decide_by"],
+        created_at=row["created_at"],
+        decided_at=row["decided_at"],
+        receiver_seen=row["b_seen"],
+        acknowledged=row["acked"],
+        released_fen=row["released_fen"],
+    )
+
+
+async def grant_of_giver(ctx: WalletContext, person_id: int, transfer_id: str) -> GrantView:
+    """One of the giver's grants; other people's grants are not found."""
+    row = await ctx.pool.fetchrow(_LOAD, transfer_id) if is_uuid7(transfer_id) else None
+    if row is None or row["giver_person_id"] != person_id:
+        raise WalletError(WalletCode.NOT_FOUND, f"no grant {transfer_id} of yours")
+    return _view(row)
+
+
+async def grants_of_giver(ctx: WalletContext, person_id: int) -> list[GrantView]:
+    """The giver's grants, newest first (at most MAX_LISTED)."""
+    return [_view(r) for r in await ctx.pool.fetch(_OF_GIVER, person_id, MAX_LISTED)]
+
+
+# --- rows <-> the state machine ----------------------------------------------------------------
+
+
+def machine(row: asyncpg.Record) -> GiverTransfer:
+    """The pure state of a grant_out row."""
+    prepare = decode(MessageType.PREPARE, row["prepare"])
+    assert isinstance(prepare, Prepare)
+    vote = decode(row["vote_typ"], row["vote"])
+    decision = decode(MessageType.DECISION, row["decision"])
+    assert vote is None or isinstance(vote, Accept | Decline)
+    assert decision is None or isinstance(decision, Decision)
+    return GiverTransfer(
+        transfer_id=row["transfer_id"],
+        to_node=row["to_node"],
+        state=GiverState(row["state"]),
+        request_hash=row["request_hash"],
+        prepare=prepare,
+        prepare_hash=row["prepare_hash"],
+        decide_by_ms=to_ms(row["decide_by"]),
+        created_at_ms=to_ms(row["created_at"]),
+        reject_code=None if row["reject_code"] is None else ErrorCode(row["reject_code"]),
+        b_seen=row["b_seen"],
+        vote=vote,
+        vote_hash=row["vote_hash"],
+        decision=decision,
+        decision_hash=row["decision_hash"],
+        acked=row["acked"],
+    )
+
+
+async def _save(
+    conn: asyncpg.Connection, row: asyncpg.Record, new: GiverTransfer, now: dt.datetime
+) -> None:
+    vote_typ = None
+    if new.vote is not None:
+        vote_typ = "ACCEPT" if isinstance(new.vote, Accept) else "DECLINE"
+    decided_at = row["decided_at"]
+    if new.decision is not None and decided_at is None:
+        decided_at = now
+    saved = await conn.fetchval(
+        _SAVE,
+        new.transfer_id,
+        row["version"],
+        new.state.value,
+        new.b_seen,
+        vote_typ,
+        encode(new.vote),
+        new.vote_hash,
+        encode(new.decision),
+        new.decision_hash,
+        new.acked,
+        decided_at,
+    )
+    if saved is None:  # the row is locked FOR UPDATE: this cannot happen, so never trust it
+        raise AssertionError(f"grant_out {new.transfer_id} changed under its lock")
+
+
+async def _apply(
+    ctx: WalletContext,
+    conn: asyncpg.Connection,
+    row: asyncpg.Record | None,
+    old: GiverTransfer | None,
+    new: GiverTransfer | None,
+    effects: tuple[Effect, ...],
+    now: dt.datetime,
+    *,
+    subject: str,
+) -> Body | None:
+    """Execute a step's effects and store the new state; return the Reply body, if any."""
+    reply: Body | None = None
+    for effect in effects:
+        match effect:
+            case PostHold() | VoidHold():
+                assert row is not None and row["hold_id"] is not None
+                if isinstance(effect, PostHold):
+                    await ledger.post_hold(conn, row["hold_id"], PURPOSE_GRANT)
+                else:
+                    await ledger.void_hold(conn, row["hold_id"], PURPOSE_GRANT_RETURNED)
+            case Send():
+                await outbox.enqueue(
+                    conn,
+                    to_node=effect.to_node,
+                    typ=effect.typ,
+                    key=subject,
+                    body=encode_body(effect.body),
+                    now=now,
+                )
+            case StopRetries():
+                assert row is not None
+                await outbox.stop(
+                    conn, to_node=row["to_node"], typ=effect.typ, key=subject, now=now
+                )
+            case Alert():
+                await raise_alert(
+                    conn, effect, at=now, subject=f"grant:{subject}", node=ctx.node_id
+                )
+            case NotifyGiver():
+                log.info("grant_outcome", transfer_id=subject, state=effect.state)
+            case StoreEvidence():
+                pass  # the vote's bytes are in the row; the envelope is in plt_message
+            case Reply():
+                reply = effect.body
+            case _:
+                raise AssertionError(f"unexpected effect at A: {effect!r}")
+    if row is not None and new is not None and new != old:
+        await _save(conn, row, new, now)
+    return reply
+
+
+# --- the giver's instruction -------------------------------------------------------------------
+
+
+def request_hash(transfer_id: str, giver_person_id: int, relation_id: str, amount_fen: int) -> str:
+    """Digest of what the giver asked for (the payment password is not part of it)."""
+    canonical = msgspec.json.encode([transfer_id, giver_person_id, relation_id, amount_fen])
+    return hashlib.sha256(canonical).hexdigest()
+
+
+def in_blackout(local: dt.datetime, rules: ProvinceRules) -> bool:
+    """RULES 13: no grants between `grant_blackout_start_hour` and `grant_blackout_end_hour`."""
+    start, end = rules.grant_blackout_start_hour, rules.grant_blackout_end_hour
+    if start == end:
+        return False
+    if start < end:
+        return start <= local.hour < end
+    return local.hour >= start or local.hour < end
+
+
+async def instruct(
+    ctx: WalletContext,
+    giver_person_id: int,
+    *,
+    transfer_id: str,
+    relation_id: str,
+    amount_fen: int,
+    payment_password: str,
+) -> GrantView:
+    """The giver grants a quota (RULES 11-13): checks, hold, PREPARE queued; or a refusal.
+
+    Idempotent on `transfer_id`: the same instruction again returns the grant's current
+    state; another instruction under the same id is `idempotency_conflict` (3106) with the
+    fields that differ. A rule refusal is stored (state REJECTED, nothing held) and raised.
+    """
+    if not is_uuid7(transfer_id):
+        raise WalletError(
+            WalletCode.INVALID_REQUEST, "transfer_id must be a canonical lowercase UUIDv7"
+        )
+    if not is_uuid7(relation_id):
+        raise WalletError(WalletCode.NOT_FOUND, f"no relationship {relation_id}")
+    # Verified before (and outside) the grant's transaction: a wrong password is counted
+    # in its own committed transaction (wallet.payment_password).
+    await verify_payment_password(ctx, giver_person_id, payment_password)
+    verified_at_ms = to_ms(ctx.clock.now())
+    wanted = request_hash(transfer_id, giver_person_id, relation_id, amount_fen)
+
+    async def attempt() -> asyncpg.Record:
+        return await _instruct_once(
+            ctx, giver_person_id, transfer_id, relation_id, amount_fen, wanted, verified_at_ms
+        )
+
+    row = await retry_lost_races(attempt)
+    if row["state"] == GiverState.REJECTED:
+        raise rejection_error(row["transfer_id"], ErrorCode(row["reject_code"]))
+    return _view(row)
+
+
+async def _instruct_once(
+    ctx: WalletContext,
+    giver_person_id: int,
+    transfer_id: str,
+    relation_id: str,
+    amount_fen: int,
+    wanted_hash: str,
+    verified_at_ms: int,
+) -> asyncpg.Record:
+    now = ctx.clock.now()
+    now_ms = to_ms(now)
+    rules = ctx.rules
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        await conn.execute(_LOCK_GIVER, _ADVISORY_CLASS, giver_person_id % 2_147_483_647)
+        existing = await conn.fetchrow(_LOAD_FOR_UPDATE, transfer_id)
+        if existing is not None:
+            return _replay(existing, giver_person_id, wanted_hash, relation_id, amount_fen)
+        person = await conn.fetchrow(_GIVER, giver_person_id)
+        _check_giver(person)
+        relation = await relation_at_giver(conn, relation_id)
+        if relation is None or relation.giver_person_id != giver_person_id:
+            raise WalletError(WalletCode.NOT_FOUND, f"no relationship {relation_id} of yours")
+        if not relation.active:
+            raise WalletError(
+                WalletCode.RULE_VIOLATION,
+                "the relationship is not a confirmed, active cross-province one",
+                plt_code=int(ErrorCode.GIVER_PERMISSION),
+                rule="relationship_active",
+            )
+        if await conn.fetchval(_PEER_FROZEN, relation.receiver_node) is not None:
+            raise WalletError(
+                WalletCode.SERVICE_UNAVAILABLE,
+                "grants to the receiver's province are suspended; try again later",
+                plt_code=int(ErrorCode.UNAVAILABLE),
+            )
+        personal: int = person["personal_account_id"]
+        due_to = await clearing_account(conn, "due_to", relation.receiver_node, transfer_id)
+        await ledger.lock_accounts(conn, [personal, due_to])
+
+        local = now.astimezone(ZoneInfo(rules.timezone))
+        decide_by_ms = next_0600(now_ms, rules.timezone, rules.grant_expiry_hour)
+        hold_ref = uuid7()
+        prepare = Prepare(
+            transfer_id=transfer_id,
+            giver=GiverRef(
+                node=ctx.node_id,
+                account_ref=relations.giver_account_ref(giver_person_id),
+                masked_name=mask_name(person["name"])[:64],
+            ),
+            receiver=ReceiverRef(account_id=relation.receiver_account_ref),
+            relation=RelationRef(
+                relation_id=relation_id,
+                type=RelationType(relation.relation_type),
+                verified_by_A=True,
+            ),
+            amount_fen=amount_fen,
+            currency="CNY",
+            fee_fen=0,
+            accept_within_ms=decide_by_ms - now_ms,
+            window_id=window_id(now_ms, rules.timezone),
+            user_auth=UserAuth(
+                method="pin",
+                verified_at_ms=verified_at_ms,
+                ref=f"pin-{giver_person_id}-{verified_at_ms}",
+            ),
+            a_hold_id=hold_ref,
+        )
+        rejection = await _rule_refusal(
+            conn, rules, giver_person_id, relation, amount_fen, local, personal
+        )
+        event = giver.Instruct(
+            prepare=prepare,
+            request_hash=wanted_hash,
+            to_node=relation.receiver_node,
+            decide_by_ms=decide_by_ms,
+            now_ms=now_ms,
+            rejection=rejection,
+        )
+        new, effects = giver.step(None, event)
+        assert new is not None
+        hold_id: int | None = None
+        for effect in effects:
+            if isinstance(effect, HoldGiver):
+                # Guarded by the no-overdraft CHECK; under the account lock it cannot miss.
+                hold_id = await ledger.hold(
+                    conn,
+                    debit_account_id=personal,
+                    credit_account_id=due_to,
+                    amount_fen=effect.amount_fen,
+                    purpose=PURPOSE_GRANT,
+                )
+        inserted = await conn.fetchval(
+            _INSERT,
+            transfer_id,
+            wanted_hash,
+            relation_id,
+            giver_person_id,
+            relation.receiver_node,
+            relation.receiver_account_ref,
+            amount_fen,
+            new.state.value,
+            None if new.reject_code is None else int(new.reject_code),
+            local.date(),
+            from_ms(decide_by_ms),
+            hold_ref,
+            hold_id,
+            encode_body(prepare),
+            new.prepare_hash,
+            prepare.window_id,
+            now,
+        )
+        if inserted is None:
+            raise LostRace  # another giver's request took this id first; replay it
+        for effect in effects:
+            if isinstance(effect, Send):
+                # PREPARE retries stop at the deadline (PROTOCOL b.7).
+                await outbox.enqueue(
+                    conn,
+                    to_node=effect.to_node,
+                    typ=effect.typ,
+                    key=transfer_id,
+                    body=encode_body(effect.body),
+                    now=now,
+                    give_up_at=from_ms(decide_by_ms),
+                )
+        log.info(
+            "grant_instructed",
+            transfer_id=transfer_id,
+            to_node=relation.receiver_node,
+            amount_fen=amount_fen,
+            state=new.state.value,
+            code=None if rejection is None else int(rejection),
+        )
+        row = await conn.fetchrow(_LOAD, transfer_id)
+        assert row is not None
+        return row
+
+
+def _check_giver(person: asyncpg.Record | None) -> None:
+    if person is None or person["wallet_state"] != "open":
+        raise WalletError(WalletCode.PERSON_NOT_ELIGIBLE, "the giver has no open wallet")
+    if person["scheme"] != "employee" or person["personal_account_id"] is None:
+        raise WalletError(
+            WalletCode.PERSON_NOT_ELIGIBLE, "only employee-scheme members can grant (RULES 1)"
+        )
+    if person["status"] != "normal":
+        raise WalletError(
+            WalletCode.PERSON_NOT_ELIGIBLE, "the giver is not in normal insured status"
+        )
+
+
+async def _rule_refusal(
+    conn: asyncpg.Connection,
+    rules: ProvinceRules,
+    giver_person_id: int,
+    relation: Any,
+    amount_fen: int,
+    local: dt.datetime,
+    personal_account_id: int,
+) -> ErrorCode | None:
+    """The first rule of RULES 13 (and the balance) the instruction breaks, or None."""
+    if in_blackout(local, rules):
+        return ErrorCode.GIVER_PERMISSION
+    if amount_fen > rules.grant_max_fen:
+        return ErrorCode.GIVER_LIMIT
+    today = await conn.fetchval(_COUNT_TODAY, giver_person_id, local.date())
+    if today >= rules.grants_per_giver_per_day:
+        return ErrorCode.GIVER_LIMIT
+    pending = await conn.fetchval(
+        _PAIR_PENDING, giver_person_id, relation.receiver_node, relation.receiver_account_ref
+    )
+    if pending is not None:
+        return ErrorCode.GIVER_LIMIT
+    available = (await ledger.balance(conn, personal_account_id)).available_fen
+    if available < amount_fen:
+        return ErrorCode.GIVER_INSUFFICIENT_BALANCE
+    return None
+
+
+def rejection_error(transfer_id: str, code: ErrorCode) -> WalletError:
+    """The problem a REJECTED instruction answers with (every time it is replayed)."""
+    klass = ErrorClass.T if code is ErrorCode.GIVER_PERMISSION else code.error_class
+    if code is ErrorCode.GIVER_INSUFFICIENT_BALANCE:
+        return WalletError(
+            WalletCode.INSUFFICIENT_FUNDS,
+            "the personal account does not cover the grant",
+            plt_code=int(code),
+            plt_class=klass.value,
+            transfer_id=transfer_id,
+            state="REJECTED",
+        )
+    detail = {
+        ErrorCode.GIVER_PERMISSION: "no grants between the blackout hours (RULES 13)",
+        ErrorCode.GIVER_LIMIT: (
+            "a grant limit is reached: the amount per grant, grants per day, "
+            "or a pending grant on this pair (RULES 13)"
+        ),
+    }.get(code, code.title)
+    return WalletError(
+        WalletCode.RULE_VIOLATION,
+        detail,
+        plt_code=int(code),
+        plt_class=klass.value,
+        transfer_id=transfer_id,
+        state="REJECTED",
+    )
+
+
+def _replay(
+    row: asyncpg.Record, giver_person_id: int, wanted_hash: str, relation_id: str, amount_fen: int
+) -> asyncpg.Record:
+    if row["giver_person_id"] != giver_person_id:
+        raise WalletError(
+            WalletCode.IDEMPOTENCY_CONFLICT,
+            "this transfer_id is already used; make a new one",
+            plt_code=int(ErrorCode.MODIFIED_REQUEST),
+        )
+    if row["request_hash"] == wanted_hash:
+        return row  # the client's retry reads the current state
+    differs = [
+        name
+        for name, stored, sent in (
+            ("relation_id", row["relation_id"], relation_id),
+            ("amount_fen", row["amount_fen"], amount_fen),
+        )
+        if stored != sent
+    ]
+    log.warning("grant_instruction_modified", transfer_id=row["transfer_id"], differs=differs)
+    raise WalletError(
+        WalletCode.IDEMPOTENCY_CONFLICT,
+        f"grant {row['transfer_id']} was instructed with other values: {', '.join(differs)}",
+        plt_code=int(ErrorCode.MODIFIED_REQUEST),
+        differs=differs,
+    )
+
+
+# --- B's replies and votes ---------------------------------------------------------------------
+
+
+@handles(MessageType.RECEIVED, MessageType.DECLINE, MessageType.ACCEPT, MessageType.ACK)
+async def on_receiver_message(ctx: WalletContext, msg: Incoming) -> Body | None:
+    """RECEIVED or DECLINE answering PREPARE, a later ACCEPT or DECLINE, an ACK to DECISION."""
+    body = msg.body
+    assert isinstance(body, Received | Decline | Accept | Ack)
+    tid = body.transfer_id
+    now = ctx.clock.now()
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(_LOAD_FOR_UPDATE, tid)
+        if row is not None and row["to_node"] != msg.from_node:
+            row = None  # another node cannot speak for this grant
+        old = None if row is None else machine(row)
+        event = giver.MessageArrived(body=body, body_hash=msg.body_hash, now_ms=to_ms(now))
+        new, effects = giver.step(old, event)
+        reply = await _apply(ctx, conn, row, old, new, effects, now, subject=tid)
+    if new is not None and old is not None and new.state != old.state:
+        log.info("grant_decided", transfer_id=tid, state=new.state.value, by=msg.typ.value)
+    return None if msg.is_reply else reply
+
+
+# --- expiry ----------------------------------------------------------------------------------
+
+
+async def sweep_once(ctx: WalletContext, batch: int = SWEEP_BATCH) -> int:
+    """Abort one batch of PREPARED_A grants past their deadline (presumed abort, 3303).
+
+    SKIP LOCKED lets several replicas sweep side by side, and skips a row an ACCEPT is
+    deciding right now (that transaction re-checks the deadline itself).
+    """
+    now = ctx.clock.now()
+    now_ms = to_ms(now)
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(_DUE, from_ms(now_ms), batch)
+        if not rows:
+            return 0
+        holds = await conn.fetch(_HOLD_ACCOUNTS, [r["hold_id"] for r in rows])
+        # Lock every account the voids touch, in id order, before the first void.
+        await ledger.lock_accounts(
+            conn, {a for h in holds for a in (h["debit_account_id"], h["credit_account_id"])}
+        )
+        for row in rows:
+            old = machine(row)
+            new, effects = giver.step(old, giver.Sweep(now_ms=now_ms))
+            await _apply(ctx, conn, row, old, new, effects, now, subject=row["transfer_id"])
+    log.info("grants_expired", count=len(rows))
+    return len(rows)
+
+
+async def run_sweeper_once(ctx: WalletContext) -> int:
+    """Sweep until nothing is due (bounded); return the number of grants aborted."""
+    total = 0
+    for _ in range(SWEEP_BATCHES_MAX):
+        done = await sweep_once(ctx)
+        total += done
+        if done < SWEEP_BATCH:
+            break
+    return total
+
+
+# --- STATUS ------------------------------------------------------------------------------------
+
+
+@handles(MessageType.STATUS_REQ)
+async def on_status_request(ctx: WalletContext, msg: Incoming) -> Body | None:
+    """B's resolver asks about grants it holds; answer with the stored signed DECISIONs."""
+    request = msg.body
+    assert isinstance(request, StatusReq)
+    now = ctx.clock.now()
+    items: list[StatusItem] = []
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        rows = {
+            r["transfer_id"]: r for r in await conn.fetch(_LOAD_MANY, list(request.transfer_ids))
+        }
+        for tid in request.transfer_ids:
+            row = rows.get(tid)
+            if row is not None and row["to_node"] != msg.from_node:
+                row = None
+            state = None if row is None else machine(row)
+            _, effects = giver.step(state, giver.StatusQuery(transfer_id=tid, now_ms=to_ms(now)))
+            for effect in effects:
+                if isinstance(effect, ReportStatus):
+                    items.append(await _status_item(ctx, conn, effect, msg.from_node, row))
+                elif isinstance(effect, Alert):
+                    await raise_alert(
+                        conn, effect, at=now, subject=f"grant:{tid}", node=ctx.node_id
+                    )
+    return Status(items=tuple(items))
+
+
+async def _status_item(
+    ctx: WalletContext,
+    conn: asyncpg.Connection,
+    report: ReportStatus,
+    peer: str,
+    row: asyncpg.Record | None,
+) -> StatusItem:
+    envelope: bytes | None = None
+    if report.decision is not None and row is not None:
+        envelope = await conn.fetchval(_STORED_DECISION, report.transfer_id, peer)
+        if envelope is None:
+            # Decided but never sent yet (A crashed before the sender ran): sign it now.
+            envelope = await sealed_envelope(ctx, MessageType.DECISION, peer, row["decision"])
+    return StatusItem(
+        transfer_id=report.transfer_id,
+        state=report.state,
+        decision=None if envelope is None else bytes(envelope),
+        undecided_remaining_ms=report.undecided_remaining_ms,
+        presumed=report.presumed,
+    )
+
+
+# --- RELEASE -----------------------------------------------------------------------------------
+
+
+@handles(MessageType.RELEASE)
+async def on_release(ctx: WalletContext, msg: Incoming) -> Body | None:
+    """B closed quotas of an ended relationship: return the released part to the giver.
+
+    Idempotent on `release_id` (the stored answer is repeated) and, per grant, on the
+    cumulative `released_fen` (only an increase moves money).
+    """
+    release = msg.body
+    assert isinstance(release, Release)
+    now = ctx.clock.now()
+
+    async def attempt() -> RelReply:
+        async with ctx.pool.acquire() as conn, conn.transaction():
+            return await _apply_release(ctx, conn, msg, release, now)
+
+    reply = await retry_lost_races(attempt)
+    return None if msg.is_reply else reply
+
+
+async def _apply_release(
+    ctx: WalletContext,
+    conn: asyncpg.Connection,
+    msg: Incoming,
+    release: Release,
+    now: dt.datetime,
+) -> RelReply:
+    stored = await conn.fetchrow(_LOAD_RELEASE, release.release_id)
+    if stored is not None:
+        if stored["body_hash"] == msg.body_hash:
+            answer = decode(MessageType.REL_REPLY, stored["reply"])
+            assert isinstance(answer, RelReply)
+            return answer
+        return _release_reply(release, msg, now, ErrorCode.MODIFIED_REQUEST, "release_id reused")
+    ids = [g.transfer_id for g in release.grants]
+    rows = {r["transfer_id"]: r for r in await conn.fetch(_LOCK_RELEASED_GRANTS, ids)}
+    problem = _release_problem(release, rows, msg.from_node)
+    returned = 0
+    if problem is None:
+        moves: list[tuple[asyncpg.Record, int]] = []
+        for g in release.grants:
+            row = rows[g.transfer_id]
+            if g.released_fen > row["released_fen"]:
+                moves.append((row, g.released_fen))
+        accounts: list[tuple[int, int]] = []
+        for row, _ in moves:
+            personal = await conn.fetchval(_GIVER_ACCOUNT, row["giver_person_id"])
+            due_to = await clearing_account(conn, "due_to", row["to_node"], row["transfer_id"])
+            accounts.append((due_to, personal))
+        await ledger.lock_accounts(conn, [a for pair in accounts for a in pair])
+        for (row, cumulative), (due_to, personal) in zip(moves, accounts, strict=True):
+            delta = cumulative - row["released_fen"]
+            if (
+                await conn.fetchval(
+                    _ADD_RELEASED, row["transfer_id"], row["released_fen"], cumulative
+                )
+                is None
+            ):
+                raise AssertionError(f"grant_out {row['transfer_id']} changed under its lock")
+            await ledger.transfer(
+                conn,
+                debit_account_id=due_to,
+                credit_account_id=personal,
+                amount_fen=delta,
+                purpose=PURPOSE_QUOTA_RELEASED,
+            )
+            returned += delta
+            log.info("grant_released", transfer_id=row["transfer_id"], returned_fen=delta)
+        reply = _release_reply(release, msg, now, None, None)
+    else:
+        code, text = problem
+        await raise_alert(
+            conn,
+            Alert(kind=AlertKind.MODIFIED_REQUEST, detail=f"RELEASE {release.release_id}: {text}"),
+            at=now,
+            subject=f"release:{release.release_id}",
+            node=ctx.node_id,
+        )
+        reply = _release_reply(release, msg, now, code, text)
+    inserted = await conn.fetchval(
+        _INSERT_RELEASE_IN,
+        release.release_id,
+        msg.from_node,
+        release.relation_id,
+        encode_body(release),
+        msg.body_hash,
+        encode_body(reply),
+        returned,
+        now,
+    )
+    if inserted is None:
+        raise LostRace
+    return reply
+
+
+def _release_problem(
+    release: Release, rows: dict[str, asyncpg.Record], peer: str
+) -> tuple[ErrorCode, str] | None:
+    for g in release.grants:
+        row = rows.get(g.transfer_id)
+        if row is None or row["to_node"] != peer or row["state"] != GiverState.COMMITTED:
+            return ErrorCode.UNKNOWN_TRANSFER, f"no committed grant {g.transfer_id} to {peer}"
+        if row["relation_id"] != release.relation_id or row["amount_fen"] != g.granted_fen:
+            return ErrorCode.VALIDATION, f"grant {g.transfer_id} does not match our records"
+    return None
+
+
+def _release_reply(
+    release: Release, msg: Incoming, now: dt.datetime, code: ErrorCode | None, text: str | None
+) -> RelReply:
+    return RelReply(
+        relation_id=release.relation_id,
+        ref_typ=MessageType.RELEASE,
+        ref_hash=msg.body_hash,
+        outcome="OK" if code is None else "REFUSED",
+        error=None if code is None else ErrorBody.of(code, text),
+        replied_at_ms=to_ms(now),
+    )

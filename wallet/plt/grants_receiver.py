@@ -1,0 +1,808 @@
+"""Node B, the receiver's node: PREPARE, the receiver's answer, DECISION, STATUS, resolver.
+
+B participates (PROTOCOL b.6, second table): on PREPARE it checks the receiver and the
+relationship, holds a pending, unspendable quota and answers RECEIVED; the receiver accepts
+or declines in the app, and B sends a binding ACCEPT or a DECLINE; B posts or voids only on
+A's signed DECISION (or A's presumed ABORT in a signed STATUS while B holds no COMMIT). B
+never expires a hold on its own: the in-doubt resolver asks A instead.
+
+    on_prepare          PREPARE -> PENDING_ACCEPT (hold, RECEIVED) or DECLINED (DECLINE)
+    accept / decline    the receiver in the app (payment password) -> ACCEPT / DECLINE queued
+    on_decision         DECISION -> COMMITTED (quota spendable) or ABORTED (hold voided)
+    on_status           the STATUS answering our STATUS_REQ: apply a signed decision in it
+    resolve_once        STATUS_REQ for holds in doubt past accept_within + grace, backing off
+    relation_ended      the relationship ended: decline pending grants, close quotas, RELEASE
+
+Equivocation (A signed COMMIT and ABORT for one id): both are kept (`conflicting`), the
+peer is frozen in `peer_link` (the transport stops trading with it) and an alert is raised.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+
+import asyncpg
+import msgspec
+
+from protocol import receiver
+from protocol.clock import (
+    ACCEPT_MARGIN_MS,
+    RESOLVER_GRACE_MS,
+    accept_deadline_ms,
+    resolver_delay_ms,
+)
+from protocol.effects import (
+    Alert,
+    Effect,
+    FreezePeer,
+    HoldQuota,
+    NotifyReceiver,
+    PostHold,
+    QueryPeer,
+    Reply,
+    Send,
+    StopRetries,
+    StoreEvidence,
+    VoidHold,
+)
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.ids import is_uuid7, uuid7
+from protocol.messages import (
+    BATCH_MAX,
+    Accept,
+    Acceptance,
+    Ack,
+    Body,
+    Decision,
+    Decline,
+    ErrorBody,
+    ErrorReply,
+    MessageType,
+    Prepare,
+    Received,
+    Status,
+    StatusReq,
+    body_hash,
+    encode_body,
+)
+from protocol.receiver import ReceiverState, ReceiverTransfer
+from wallet import ledger
+from wallet.context import WalletContext
+from wallet.errors import ErrorCode as WalletCode
+from wallet.errors import WalletError
+from wallet.payment_password import verify_payment_password
+from wallet.plt import outbox, quota
+from wallet.plt.dispatch import Incoming, handles
+from wallet.plt.grants_base import (
+    PURPOSE_QUOTA,
+    PURPOSE_QUOTA_RETURNED,
+    LostRace,
+    decode,
+    encode,
+    from_ms,
+    log,
+    raise_alert,
+    retry_lost_races,
+    to_ms,
+)
+from wallet.plt.links import RelationAtReceiver, open_peer_envelope, relation_at_receiver
+
+RESOLVE_BATCH = 4 * BATCH_MAX  # rows per resolver run; STATUS_REQs carry BATCH_MAX ids each
+STATUS_REQ_GIVE_UP_MS = 60_000  # the resolver asks again on its own schedule anyway
+MAX_LISTED = 500
+_IN_DOUBT = ("PENDING_ACCEPT", "ACCEPTED", "DECLINED_PENDING")
+
+# --- statements ------------------------------------------------------------------------------
+
+_COLUMNS = """
+from_node, transfer_id, state, received_at, relation_id, receiver_person_id, amount_fen,
+accept_by, prepare, prepare_hash, prepare_reply_typ, prepare_reply, vote_typ, vote, vote_hash,
+decision, decision_hash, ack, conflicting, presumed_abort, hold_ref, hold_id, quota_account_id,
+next_status_at, status_attempts, version, decided_at
+"""
+_LOAD = f"SELECT {_COLUMNS} FROM grant_in WHERE from_node = $1 AND transfer_id = $2"
+_LOAD_FOR_UPDATE = _LOAD + " FOR UPDATE"
+_INSERT = """
+INSERT INTO grant_in
+    (from_node, transfer_id, state, received_at, relation_id, receiver_person_id, amount_fen,
+     accept_by, prepare, prepare_hash, prepare_reply_typ, prepare_reply, decision,
+     decision_hash, ack, hold_ref, hold_id, quota_account_id, next_status_at, decided_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)
+ON CONFLICT (from_node, transfer_id) DO NOTHING
+RETURNING transfer_id
+"""
+_SAVE = """
+UPDATE grant_in
+SET state = $4, prepare = $5, prepare_hash = $6, prepare_reply_typ = $7, prepare_reply = $8,
+    amount_fen = $9, relation_id = coalesce(relation_id, $10), vote_typ = $11, vote = $12,
+    vote_hash = $13, decision = $14, decision_hash = $15, ack = $16, conflicting = $17,
+    presumed_abort = $18, decided_at = $19
+WHERE from_node = $1 AND transfer_id = $2 AND version = $3
+RETURNING version
+"""
+_RECEIVER = """
+SELECT p.status, w.state AS wallet_state FROM insured_person p
+LEFT JOIN wallet w ON w.person_id = p.id WHERE p.id = $1
+"""
+_FREEZE = """
+INSERT INTO peer_link (node, frozen_at, reason) VALUES ($1, $2, $3)
+ON CONFLICT (node) DO NOTHING
+"""
+_OF_RECEIVER = f"""
+SELECT {_COLUMNS} FROM grant_in WHERE receiver_person_id = $1
+ORDER BY received_at DESC, transfer_id DESC LIMIT $2
+"""
+_FIND_FOR_RECEIVER = """
+SELECT from_node FROM grant_in WHERE transfer_id = $1 AND receiver_person_id = $2 LIMIT 2
+"""
+_DUE_FOR_STATUS = f"""
+SELECT {_COLUMNS} FROM grant_in
+WHERE state IN ('PENDING_ACCEPT', 'ACCEPTED', 'DECLINED_PENDING') AND next_status_at <= $1
+ORDER BY next_status_at
+LIMIT $2
+FOR UPDATE SKIP LOCKED
+"""
+_RESCHEDULE = """
+UPDATE grant_in SET next_status_at = $3, status_attempts = status_attempts + 1
+WHERE from_node = $1 AND transfer_id = $2
+"""
+_OPEN_STATUS_REQ = """
+SELECT dedup_key FROM plt_outbox
+WHERE to_node = $1 AND typ = 'STATUS_REQ' AND body = $2 AND done_at IS NULL
+"""
+_PENDING_OF_RELATION = f"""
+SELECT {_COLUMNS} FROM grant_in
+WHERE from_node = $1 AND relation_id = $2 AND state = 'PENDING_ACCEPT'
+ORDER BY transfer_id
+FOR UPDATE
+"""
+
+
+# --- views -----------------------------------------------------------------------------------
+
+
+class IncomingGrantView(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A grant offered to the receiver, as the receiver sees it.
+
+    `state` is B's protocol state. `accept_by` is when B stops offering acceptance (a margin
+    before the giver node's deadline); `acceptable` says whether accepting is possible now.
+    `code` is the PLT/1 code of a decline or an abort (3303 expired, 5104 declined, ...).
+    """
+
+    transfer_id: str
+    from_node: str
+    relation_id: str | None
+    giver_name_masked: str | None
+    amount_fen: int | None
+    state: ReceiverState
+    received_at: dt.datetime
+    accept_by: dt.datetime | None
+    acceptable: bool
+    code: int | None
+    decided_at: dt.datetime | None
+
+
+def _incoming_view(row: asyncpg.Record, now: dt.datetime) -> IncomingGrantView:
+    prepare = decode(MessageType.PREPARE, row["prepare"])
+    assert prepare is None or isinstance(prepare, Prepare)
+    code: int | None = None
+    vote = decode(row["vote_typ"], row["vote"])
+    decision = decode(MessageType.DECISION, row["decision"])
+    reply = decode(row["prepare_reply_typ"], row["prepare_reply"])
+    if isinstance(decision, Decision) and decision.reason is not None:
+        code = int(decision.reason.code)
+    elif isinstance(vote, Decline):
+        code = int(vote.error.code)
+    elif isinstance(reply, Decline):
+        code = int(reply.error.code)
+    state = ReceiverState(row["state"])
+    accept_by: dt.datetime | None = row["accept_by"]
+    return IncomingGrantView(
+        transfer_id=row["transfer_id"],
+        from_node=row["from_node"],
+        relation_id=row["relation_id"],
+        giver_name_masked=None if prepare is None else prepare.giver.masked_name,
+        amount_fen=row["amount_fen"],
+        state=state,
+        received_at=row["received_at"],
+        accept_by=accept_by,
+        acceptable=state is ReceiverState.PENDING_ACCEPT
+        and accept_by is not None
+        and now <= accept_by,
+        code=code,
+        decided_at=row["decided_at"],
+    )
+
+
+async def incoming_of_receiver(ctx: WalletContext, person_id: int) -> list[IncomingGrantView]:
+    """Grants offered to the receiver, newest first (at most MAX_LISTED)."""
+    now = ctx.clock.now()
+    rows = await ctx.pool.fetch(_OF_RECEIVER, person_id, MAX_LISTED)
+    return [_incoming_view(r, now) for r in rows]
+
+
+# --- rows <-> the state machine ----------------------------------------------------------------
+
+
+def machine(row: asyncpg.Record) -> ReceiverTransfer:
+    """The pure state of a grant_in row."""
+    prepare = decode(MessageType.PREPARE, row["prepare"])
+    reply = decode(row["prepare_reply_typ"], row["prepare_reply"])
+    vote = decode(row["vote_typ"], row["vote"])
+    decision = decode(MessageType.DECISION, row["decision"])
+    ack = decode(MessageType.ACK, row["ack"])
+    conflicting = tuple(decode(MessageType.DECISION, raw) for raw in row["conflicting"])
+    assert prepare is None or isinstance(prepare, Prepare)
+    assert reply is None or isinstance(reply, Received | Decline)
+    assert vote is None or isinstance(vote, Accept | Decline)
+    assert decision is None or isinstance(decision, Decision)
+    assert ack is None or isinstance(ack, Ack)
+    assert all(isinstance(d, Decision) for d in conflicting)
+    return ReceiverTransfer(
+        from_node=row["from_node"],
+        transfer_id=row["transfer_id"],
+        state=ReceiverState(row["state"]),
+        received_at_ms=to_ms(row["received_at"]),
+        prepare=prepare,
+        prepare_hash=row["prepare_hash"],
+        prepare_reply=reply,
+        vote=vote,
+        vote_hash=row["vote_hash"],
+        decision=decision,
+        decision_hash=row["decision_hash"],
+        ack=ack,
+        conflicting=conflicting,  # type: ignore[arg-type]  # checked just above
+        presumed_abort=row["presumed_abort"],
+    )
+
+
+def _reply_typ(body: Body | None) -> str | None:
+    if body is None:
+        return None
+    return "RECEIVED" if isinstance(body, Received) else "DECLINE"
+
+
+def _vote_typ(body: Body | None) -> str | None:
+    if body is None:
+        return None
+    return "ACCEPT" if isinstance(body, Accept) else "DECLINE"
+
+
+async def _save(
+    conn: asyncpg.Connection, row: asyncpg.Record, new: ReceiverTransfer, now: dt.datetime
+) -> None:
+    decided_at = row["decided_at"]
+    if decided_at is None and (new.decision is not None or new.presumed_abort):
+        decided_at = now
+    saved = await conn.fetchval(
+        _SAVE,
+        new.from_node,
+        new.transfer_id,
+        row["version"],
+        new.state.value,
+        encode(new.prepare),
+        new.prepare_hash,
+        _reply_typ(new.prepare_reply),
+        encode(new.prepare_reply),
+        None if new.prepare is None else new.prepare.amount_fen,
+        None if new.prepare is None else new.prepare.relation.relation_id,
+        _vote_typ(new.vote),
+        encode(new.vote),
+        new.vote_hash,
+        encode(new.decision),
+        new.decision_hash,
+        encode(new.ack),
+        [encode_body(d) for d in new.conflicting],
+        new.presumed_abort,
+        decided_at,
+    )
+    if saved is None:  # the row is locked FOR UPDATE: this cannot happen, so never trust it
+        raise AssertionError(f"grant_in {new.from_node}/{new.transfer_id} changed under its lock")
+
+
+async def _apply(
+    ctx: WalletContext,
+    conn: asyncpg.Connection,
+    row: asyncpg.Record | None,
+    old: ReceiverTransfer | None,
+    new: ReceiverTransfer | None,
+    effects: tuple[Effect, ...],
+    now: dt.datetime,
+    *,
+    subject: str,
+) -> Body | None:
+    """Execute a step's effects (not HoldQuota: PREPARE does that) and store the new state."""
+    reply: Body | None = None
+    posted = False
+    for effect in effects:
+        match effect:
+            case PostHold():
+                assert row is not None
+                await ledger.post_hold(conn, row["hold_id"], PURPOSE_QUOTA)
+                await quota.activate_quota(conn, row["quota_account_id"], now)
+                posted = True
+            case VoidHold():
+                assert row is not None
+                await ledger.void_hold(conn, row["hold_id"], PURPOSE_QUOTA_RETURNED)
+                await quota.void_quota(conn, row["quota_account_id"])
+            case Send():
+                await outbox.enqueue(
+                    conn,
+                    to_node=effect.to_node,
+                    typ=effect.typ,
+                    key=subject,
+                    body=encode_body(effect.body),
+                    now=now,
+                )
+            case StopRetries():
+                assert row is not None
+                await outbox.stop(
+                    conn, to_node=row["from_node"], typ=effect.typ, key=subject, now=now
+                )
+            case FreezePeer():
+                await conn.execute(_FREEZE, effect.node, now, f"equivocation on grant {subject}")
+                log.error("plt_peer_frozen", node=effect.node, transfer_id=subject)
+            case Alert():
+                await raise_alert(
+                    conn, effect, at=now, subject=f"grant:{subject}", node=ctx.node_id
+                )
+            case NotifyReceiver():
+                log.info("grant_notify_receiver", transfer_id=subject, kind=effect.kind)
+            case StoreEvidence():
+                pass  # the body is in the row; the envelope is in plt_message
+            case Reply():
+                reply = effect.body
+            case _:
+                raise AssertionError(f"unexpected effect at B: {effect!r}")
+    if row is not None and new is not None and new != old:
+        await _save(conn, row, new, now)
+    if posted and row is not None:
+        await _close_if_relation_ended(ctx, conn, row, now)
+    return reply
+
+
+async def _close_if_relation_ended(
+    ctx: WalletContext, conn: asyncpg.Connection, row: asyncpg.Record, now: dt.datetime
+) -> None:
+    """A COMMIT for a grant accepted before its relationship ended: release it at once.
+
+    ACCEPT is binding, so an ending waits for the DECISION (PROTOCOL d); the quota becomes
+    final and is closed in the same transaction, so it is never spendable (RULES 7).
+    """
+    relation = await relation_at_receiver(conn, row["from_node"], row["relation_id"])
+    if relation is None or not relation.active:
+        await quota.close_quotas_of_relation(
+            ctx, conn, from_node=row["from_node"], relation_id=row["relation_id"], now=now
+        )
+
+
+# --- PREPARE -----------------------------------------------------------------------------------
+
+
+@handles(MessageType.PREPARE)
+async def on_prepare(ctx: WalletContext, msg: Incoming) -> Body | None:
+    """A giver node offers a grant: check, hold an unspendable quota, answer RECEIVED."""
+    prepare = msg.body
+    assert isinstance(prepare, Prepare)
+    if prepare.giver.node != msg.from_node:
+        return ErrorReply(
+            ref_typ=MessageType.PREPARE,
+            ref_hash=msg.body_hash,
+            transfer_id=prepare.transfer_id,
+            error=ErrorBody.of(ErrorCode.VALIDATION, "giver.node is not the sender"),
+        )
+
+    async def attempt() -> Body | None:
+        async with ctx.pool.acquire() as conn, conn.transaction():
+            return await _prepare_once(ctx, conn, msg, prepare)
+
+    reply = await retry_lost_races(attempt)
+    return None if msg.is_reply else reply
+
+
+async def _prepare_once(
+    ctx: WalletContext, conn: asyncpg.Connection, msg: Incoming, prepare: Prepare
+) -> Body | None:
+    now = ctx.clock.now()
+    now_ms = to_ms(now)
+    tid = prepare.transfer_id
+    row = await conn.fetchrow(_LOAD_FOR_UPDATE, msg.from_node, tid)
+    old = None if row is None else machine(row)
+    relation: RelationAtReceiver | None = None
+    rejection: ErrorCode | None = None
+    if old is None:
+        relation, rejection = await _check_prepare(conn, msg.from_node, prepare)
+    event = receiver.PrepareArrived(
+        from_node=msg.from_node,
+        prepare=prepare,
+        prepare_hash=msg.body_hash,
+        b_hold_id=uuid7(),
+        now_ms=now_ms,
+        rejection=rejection,
+    )
+    new, effects = receiver.step(old, event)
+    if old is not None:
+        return await _apply(ctx, conn, row, old, new, effects, now, subject=tid)
+    assert new is not None
+    account_id: int | None = None
+    hold_id: int | None = None
+    for effect in effects:
+        if isinstance(effect, HoldQuota):
+            account_id, hold_id = await quota.open_pending_quota(
+                conn, from_node=msg.from_node, transfer_id=tid, amount_fen=effect.amount_fen
+            )
+    received = new.prepare_reply
+    inserted = await conn.fetchval(
+        _INSERT,
+        msg.from_node,
+        tid,
+        new.state.value,
+        now,
+        prepare.relation.relation_id,
+        None if relation is None else relation.receiver_person_id,
+        prepare.amount_fen,
+        from_ms(accept_deadline_ms(now_ms, prepare.accept_within_ms, ACCEPT_MARGIN_MS)),
+        encode_body(prepare),
+        msg.body_hash,
+        _reply_typ(received),
+        encode(received),
+        None,
+        None,
+        None,
+        received.b_hold_id if isinstance(received, Received) else None,
+        hold_id,
+        account_id,
+        from_ms(now_ms + prepare.accept_within_ms + RESOLVER_GRACE_MS),
+        None,
+    )
+    if inserted is None:
+        raise LostRace  # the same PREPARE is being applied concurrently; replay theirs
+    if account_id is not None:
+        assert relation is not None
+        await quota.insert_quota(
+            conn,
+            account_id=account_id,
+            from_node=msg.from_node,
+            transfer_id=tid,
+            relation_id=prepare.relation.relation_id,
+            receiver_person_id=relation.receiver_person_id,
+            giver_masked_name=prepare.giver.masked_name,
+            granted_fen=prepare.amount_fen,
+            now=now,
+        )
+    rest = tuple(e for e in effects if not isinstance(e, HoldQuota))
+    reply = await _apply(ctx, conn, None, None, new, rest, now, subject=tid)
+    log.info(
+        "grant_prepared",
+        transfer_id=tid,
+        from_node=msg.from_node,
+        amount_fen=prepare.amount_fen,
+        state=new.state.value,
+        code=None if rejection is None else int(rejection),
+    )
+    return reply
+
+
+async def _check_prepare(
+    conn: asyncpg.Connection, from_node: str, prepare: Prepare
+) -> tuple[RelationAtReceiver | None, ErrorCode | None]:
+    """B's checks (RULES 12: fails at once without an open wallet or normal status)."""
+    relation = await relation_at_receiver(conn, from_node, prepare.relation.relation_id)
+    if relation is None or not relation.active:
+        return relation, ErrorCode.GIVER_PERMISSION
+    if relation.relation_type != prepare.relation.type.value:
+        return relation, ErrorCode.VALIDATION
+    if relation.receiver_account_ref != prepare.receiver.account_id:
+        return relation, ErrorCode.RECEIVER_WALLET_NOT_OPEN
+    person = await conn.fetchrow(_RECEIVER, relation.receiver_person_id)
+    if person is None or person["wallet_state"] != "open":
+        return relation, ErrorCode.RECEIVER_WALLET_NOT_OPEN
+    if person["status"] != "normal":
+        return relation, ErrorCode.RECEIVER_CHECK_FAILED
+    return relation, None
+
+
+# --- DECISION ----------------------------------------------------------------------------------
+
+
+@handles(MessageType.DECISION)
+async def on_decision(ctx: WalletContext, msg: Incoming) -> Body | None:
+    """A's decision, as a request from its outbox or as the reply to our ACCEPT/DECLINE."""
+    decision = msg.body
+    assert isinstance(decision, Decision)
+    reply = await apply_decision(ctx, msg.from_node, decision, msg.body_hash)
+    return None if msg.is_reply else reply
+
+
+async def apply_decision(
+    ctx: WalletContext, from_node: str, decision: Decision, decision_hash: str
+) -> Body | None:
+    """Step B's machine with a verified DECISION; return the ACK (or ERROR) to answer with."""
+
+    async def attempt() -> Body | None:
+        now = ctx.clock.now()
+        async with ctx.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(_LOAD_FOR_UPDATE, from_node, decision.transfer_id)
+            old = None if row is None else machine(row)
+            event = receiver.DecisionArrived(
+                from_node=from_node,
+                decision=decision,
+                decision_hash=decision_hash,
+                now_ms=to_ms(now),
+            )
+            new, effects = receiver.step(old, event)
+            if row is None and new is not None:
+                await _insert_tombstone(conn, new, now)
+            reply = await _apply(
+                ctx, conn, row, old, new, effects, now, subject=decision.transfer_id
+            )
+        if new is not None and (old is None or new.state != old.state):
+            log.info(
+                "grant_decided_at_receiver",
+                transfer_id=decision.transfer_id,
+                from_node=from_node,
+                state=new.state.value,
+            )
+        return reply
+
+    return await retry_lost_races(attempt)
+
+
+async def _insert_tombstone(
+    conn: asyncpg.Connection, new: ReceiverTransfer, now: dt.datetime
+) -> None:
+    """ABORT for an id never seen: remember it, so a late PREPARE is declined (PROTOCOL d.7)."""
+    inserted = await conn.fetchval(
+        _INSERT,
+        new.from_node,
+        new.transfer_id,
+        new.state.value,
+        now,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        encode(new.decision),
+        new.decision_hash,
+        encode(new.ack),
+        None,
+        None,
+        None,
+        None,
+        now,
+    )
+    if inserted is None:
+        raise LostRace
+
+
+# --- STATUS and the in-doubt resolver ----------------------------------------------------------
+
+
+@handles(MessageType.STATUS)
+async def on_status(ctx: WalletContext, msg: Incoming) -> Body | None:
+    """A's answer to our STATUS_REQ: apply each signed decision (or presumed abort) in it."""
+    status = msg.body
+    assert isinstance(status, Status)
+    await _status_request_answered(ctx, msg.from_node, status)
+    for item in status.items:
+        decision: Decision | None = None
+        decision_hash: str | None = None
+        if item.decision is not None:
+            try:
+                opened = await open_peer_envelope(ctx, item.decision)
+            except ProtocolError as exc:
+                log.error(
+                    "grant_status_decision_unverified",
+                    transfer_id=item.transfer_id,
+                    from_node=msg.from_node,
+                    error=exc.message,
+                )
+                continue
+            env = opened.envelope
+            body = opened.body
+            if (
+                env.typ is not MessageType.DECISION
+                or env.from_node != msg.from_node
+                or not isinstance(body, Decision)
+                or body.transfer_id != item.transfer_id
+            ):
+                log.error(
+                    "grant_status_decision_mismatch",
+                    transfer_id=item.transfer_id,
+                    from_node=msg.from_node,
+                )
+                continue
+            decision, decision_hash = body, body_hash(env.body)
+        now_ms = to_ms(ctx.clock.now())
+        event = receiver.event_for_status(msg.from_node, item, decision, decision_hash, now_ms)
+        if isinstance(event, receiver.DecisionArrived):
+            await apply_decision(ctx, msg.from_node, event.decision, event.decision_hash)
+        elif isinstance(event, receiver.PresumedAbort):
+            await _step_existing(ctx, msg.from_node, item.transfer_id, event)
+    return None
+
+
+async def _status_request_answered(ctx: WalletContext, peer: str, status: Status) -> None:
+    """Stop retrying the STATUS_REQ this STATUS answers: its items are in request order, so
+    the request's canonical bytes are known (Incoming does not name the outbox row)."""
+    if not status.items:
+        return
+    asked = encode_body(StatusReq(transfer_ids=tuple(i.transfer_id for i in status.items)))
+    now = ctx.clock.now()
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        for key in await conn.fetch(_OPEN_STATUS_REQ, peer, asked):
+            await outbox.stop(
+                conn, to_node=peer, typ=MessageType.STATUS_REQ, key=key["dedup_key"], now=now
+            )
+
+
+async def _step_existing(
+    ctx: WalletContext, from_node: str, transfer_id: str, event: receiver.ReceiverEvent
+) -> Body | None:
+    """Step an existing row with an event that never creates one."""
+    now = ctx.clock.now()
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(_LOAD_FOR_UPDATE, from_node, transfer_id)
+        if row is None:
+            return None
+        old = machine(row)
+        new, effects = receiver.step(old, event)
+        return await _apply(ctx, conn, row, old, new, effects, now, subject=transfer_id)
+
+
+async def resolve_once(ctx: WalletContext, limit: int = RESOLVE_BATCH) -> int:
+    """Ask the giver nodes about holds in doubt past their due time (PROTOCOL b.9.3).
+
+    Each row is rescheduled with back-off (1 min doubling to 5 min); the STATUS that comes
+    back is applied by `on_status`. SKIP LOCKED lets several replicas share the work.
+    """
+    now = ctx.clock.now()
+    now_ms = to_ms(now)
+    asked: dict[str, list[str]] = defaultdict(list)
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(_DUE_FOR_STATUS, now, limit)
+        for row in rows:
+            _, effects = receiver.step(machine(row), receiver.ResolverTick(now_ms=now_ms))
+            for effect in effects:
+                if isinstance(effect, QueryPeer):
+                    asked[effect.to_node].append(effect.transfer_id)
+                elif isinstance(effect, Alert):
+                    await raise_alert(
+                        conn,
+                        effect,
+                        at=now,
+                        subject=f"grant:{row['transfer_id']}",
+                        node=ctx.node_id,
+                    )
+            delay_ms = resolver_delay_ms(row["status_attempts"])
+            await conn.execute(
+                _RESCHEDULE, row["from_node"], row["transfer_id"], from_ms(now_ms + delay_ms)
+            )
+        for node, ids in asked.items():
+            for start in range(0, len(ids), BATCH_MAX):
+                request = StatusReq(transfer_ids=tuple(ids[start : start + BATCH_MAX]))
+                await outbox.enqueue(
+                    conn,
+                    to_node=node,
+                    typ=MessageType.STATUS_REQ,
+                    key=uuid7(),
+                    body=encode_body(request),
+                    now=now,
+                    give_up_at=from_ms(now_ms + STATUS_REQ_GIVE_UP_MS),
+                )
+    if rows:
+        log.info("grants_in_doubt_queried", rows=len(rows), peers=sorted(asked))
+    return len(rows)
+
+
+# --- the receiver in the app -------------------------------------------------------------------
+
+
+async def _locate(ctx: WalletContext, person_id: int, transfer_id: str) -> str:
+    rows = (
+        await ctx.pool.fetch(_FIND_FOR_RECEIVER, transfer_id, person_id)
+        if is_uuid7(transfer_id)
+        else []
+    )
+    if not rows:
+        raise WalletError(WalletCode.NOT_FOUND, f"no grant {transfer_id} offered to you")
+    if len(rows) > 1:  # two giver nodes used one id: refuse rather than guess
+        raise WalletError(WalletCode.STATE_CONFLICT, "ambiguous grant id; contact support")
+    from_node: str = rows[0]["from_node"]
+    return from_node
+
+
+async def accept(
+    ctx: WalletContext, person_id: int, transfer_id: str, *, payment_password: str
+) -> IncomingGrantView:
+    """The receiver accepts (payment password): B sends a binding ACCEPT to the giver node."""
+    from_node = await _locate(ctx, person_id, transfer_id)
+    await verify_payment_password(ctx, person_id, payment_password)
+    return await _receiver_answers(ctx, from_node, transfer_id, accepts=True, person_id=person_id)
+
+
+async def decline(
+    ctx: WalletContext, person_id: int, transfer_id: str, *, payment_password: str
+) -> IncomingGrantView:
+    """The receiver declines (payment password): B sends DECLINE; the hold waits for A."""
+    from_node = await _locate(ctx, person_id, transfer_id)
+    await verify_payment_password(ctx, person_id, payment_password)
+    return await _receiver_answers(ctx, from_node, transfer_id, accepts=False, person_id=person_id)
+
+
+async def _receiver_answers(
+    ctx: WalletContext, from_node: str, transfer_id: str, *, accepts: bool, person_id: int
+) -> IncomingGrantView:
+    now = ctx.clock.now()
+    now_ms = to_ms(now)
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(_LOAD_FOR_UPDATE, from_node, transfer_id)
+        assert row is not None
+        old = machine(row)
+        event: receiver.ReceiverEvent = (
+            receiver.ReceiverAccepts(
+                acceptance=Acceptance(method="pin", ref=f"pin-{person_id}-{now_ms}"),
+                now_ms=now_ms,
+            )
+            if accepts
+            else receiver.ReceiverDeclines(now_ms=now_ms)
+        )
+        new, effects = receiver.step(old, event)
+        for effect in effects:
+            if isinstance(effect, Reply) and isinstance(effect.body, ErrorReply):
+                raise _app_refusal(effect.body)
+        await _apply(ctx, conn, row, old, new, effects, now, subject=transfer_id)
+        stored = await conn.fetchrow(_LOAD, from_node, transfer_id)
+    log.info(
+        "grant_receiver_answered",
+        transfer_id=transfer_id,
+        from_node=from_node,
+        accepted=accepts,
+    )
+    return _incoming_view(stored, now)
+
+
+def _app_refusal(error: ErrorReply) -> WalletError:
+    code = error.error.code
+    if code is ErrorCode.EXPIRED:
+        return WalletError(
+            WalletCode.STATE_CONFLICT,
+            "the acceptance period is over; the amount goes back to the giver",
+            plt_code=int(code),
+        )
+    if code is ErrorCode.UNKNOWN_TRANSFER:
+        return WalletError(WalletCode.NOT_FOUND, "no such grant", plt_code=int(code))
+    return WalletError(WalletCode.STATE_CONFLICT, error.error.text, plt_code=int(code))
+
+
+# --- the relationship ends ---------------------------------------------------------------------
+
+
+async def relation_ended(
+    ctx: WalletContext,
+    conn: asyncpg.Connection,
+    *,
+    giver_node: str,
+    relation_id: str,
+    now: dt.datetime,
+) -> None:
+    """RULES 7, DESIGN step 4, inside the transaction that ends the relationship at B.
+
+    Pending grants are declined (DECLINE 4300; A aborts and the giver gets the amount
+    back); accepted ones wait for A's decision (ACCEPT is binding) and are closed when the
+    COMMIT lands; active quotas are closed now and their unused part released to A.
+    """
+    now_ms = to_ms(now)
+    for row in await conn.fetch(_PENDING_OF_RELATION, giver_node, relation_id):
+        old = machine(row)
+        new, effects = receiver.step(old, receiver.RelationEnded(now_ms=now_ms))
+        await _apply(ctx, conn, row, old, new, effects, now, subject=row["transfer_id"])
+    await quota.close_quotas_of_relation(
+        ctx, conn, from_node=giver_node, relation_id=relation_id, now=now
+    )
+    log.info("grants_relation_ended", relation_id=relation_id, giver_node=giver_node)

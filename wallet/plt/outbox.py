@@ -1,0 +1,52 @@
+"""The transactional outbox: enqueue a message in the same transaction as the state change.
+
+Features call `enqueue` and `stop` with the connection of their own transaction; the sender
+worker (`wallet.plt.transport`) claims due rows, seals them with the node's current key and
+sends them in batches per peer. Nothing here does I/O beyond that connection.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import asyncpg
+
+from protocol.messages import MessageType
+
+_ENQUEUE = """
+INSERT INTO plt_outbox (to_node, typ, dedup_key, body, created_at, next_attempt_at, give_up_at)
+VALUES ($1, $2, $3, $4, $5, $5, $6)
+ON CONFLICT (to_node, typ, dedup_key) DO NOTHING
+RETURNING id
+"""
+_STOP = """
+UPDATE plt_outbox SET done_at = $4
+WHERE to_node = $1 AND typ = $2 AND dedup_key = $3 AND done_at IS NULL
+RETURNING id
+"""
+
+
+async def enqueue(
+    conn: asyncpg.Connection,
+    *,
+    to_node: str,
+    typ: MessageType,
+    key: str,
+    body: bytes,
+    now: dt.datetime,
+    give_up_at: dt.datetime | None = None,
+) -> bool:
+    """Queue `body` (canonical bytes) for `to_node`; False if this message was already queued.
+
+    The same (peer, typ, key) is queued once: executing an effect twice sends once.
+    """
+    row_id = await conn.fetchval(_ENQUEUE, to_node, typ.value, key, body, now, give_up_at)
+    return row_id is not None
+
+
+async def stop(
+    conn: asyncpg.Connection, *, to_node: str, typ: MessageType, key: str, now: dt.datetime
+) -> bool:
+    """Stop retrying a queued message (its answer arrived); False if nothing was pending."""
+    row_id = await conn.fetchval(_STOP, to_node, typ.value, key, now)
+    return row_id is not None

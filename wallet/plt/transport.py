@@ -1,0 +1,506 @@
+"""The sender: delivers `plt_outbox` rows to peer nodes and hands their signed replies back.
+
+One pass (`run_once`):
+
+1. close rows past their `give_up_at` (PREPARE stops at decide_by; most rows never give up);
+2. claim due rows with a lease (`UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED)`),
+   so several replicas of a node never send the same row at the same moment, and a sender
+   that dies mid-send leaves rows that come due again when the lease runs out;
+3. group them per peer, in creation order, at most 256 envelopes (and a byte budget) per
+   POST; seal each body with the key current *now* (a retry after a rotation is signed with
+   the new key, its body hash unchanged);
+4. POST the batch, open every reply (refresh-once on an unknown key), log both envelopes in
+   `plt_message`, and `dispatch(..., is_reply=True)` each reply to its feature;
+5. give every row its next attempt: 0.2 s, 0.5 s, 1 s, 2 s ... capped at 60 s, with jitter.
+
+A row is finished only by its feature calling `outbox.stop` (StopRetries), when the answer it
+waited for has arrived, or by step 1. A peer that is down, slow, or answers 5xx only delays
+delivery: nothing is lost, and the same body is sent again. ERROR replies do not go through
+`dispatch` (one handler per typ cannot serve every feature): the transport records them on
+the row and calls the handler registered with `on_error_reply` for the original typ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import random
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import asyncpg
+import httpx
+import msgspec
+import structlog
+
+from protocol.clock import retry_delay_ms
+from protocol.envelope import Envelope, Wire, encode_envelope
+from protocol.errors import MalformedMessage, ProtocolError, UnknownPeer
+from protocol.messages import BATCH_MAX, Body, ErrorReply, MessageType, body_hash, typ_of
+from wallet.context import WalletContext
+from wallet.plt.dispatch import Incoming, NoHandler, dispatch
+from wallet.plt.node import MESSAGES_PATH, PltNode
+
+log = structlog.get_logger("wallet.plt.transport")
+
+CLAIM_ROWS_MAX = 1024  # rows claimed per round
+ROUNDS_MAX = 16  # rounds per run_once: bounded even if features keep enqueueing
+LEASE_MS = 30_000  # longer than a whole POST can take (connect + write + read timeouts)
+POST_BYTES_MAX = 2 * 1024 * 1024  # below the receiving node's 4 MiB body limit
+PEERS_IN_PARALLEL = 8
+SENDER_IDLE_S = 0.1  # the worker's pause when nothing was due
+KEYSET_REFRESH_S = 600.0  # PROTOCOL b.11: refresh peers' key sets every 10 min
+LAST_ERROR_CHARS_MAX = 500
+WIRE: Wire = "msgpack"
+CONTENT_TYPES: dict[Wire, str] = {"json": "application/json", "msgpack": "application/msgpack"}
+
+ErrorReplyHandler = Callable[[WalletContext, Incoming, ErrorReply], Awaitable[None]]
+_ERROR_REPLY_HANDLERS: dict[MessageType, ErrorReplyHandler] = {}
+# Requests whose one typed reply is final: the transport closes their outbox row once such a
+# reply (not an ERROR) was dispatched without an exception. `Incoming` does not say which row
+# a reply answers, so these features could not close the row themselves. Other typs wait for
+# their feature's `outbox.stop`.
+DONE_ON_REPLY: set[MessageType] = {MessageType.STATUS_REQ, MessageType.RELEASE}
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def on_error_reply(*typs: MessageType) -> Callable[[ErrorReplyHandler], ErrorReplyHandler]:
+    """Register what to do when a peer answers a message of `typs` with a signed ERROR.
+
+    The handler runs after the error is recorded on the outbox row (which keeps retrying
+    unless the handler calls `outbox.stop`). Without one, the error is only logged.
+    """
+
+    def register(handler: ErrorReplyHandler) -> ErrorReplyHandler:
+        for typ in typs:
+            if _ERROR_REPLY_HANDLERS.get(typ, handler) is not handler:
+                raise RuntimeError(f"ERROR replies to {typ} already have a handler")
+            _ERROR_REPLY_HANDLERS[typ] = handler
+        return handler
+
+    return register
+
+
+# --- the message log ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Logged:
+    """One envelope for `plt_message`, with its exact wire bytes."""
+
+    direction: str  # 'in' | 'out'
+    envelope: Envelope
+    wire_bytes: bytes
+    dedup_key: str | None
+
+
+_LOG = """
+INSERT INTO plt_message
+    (direction, from_node, to_node, typ, msg_id, dedup_key, body_hash, envelope, at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+ON CONFLICT (direction, msg_id) DO NOTHING
+"""
+
+
+def dedup_key_of(body: Body) -> str | None:
+    """What a message is about, for `plt_message.dedup_key`: transfer, relation or release id."""
+    for name in ("transfer_id", "release_id", "relation_id"):
+        value = getattr(body, name, None)
+        if isinstance(value, str):
+            return value
+    return None
+
+
+async def log_messages(
+    executor: asyncpg.Pool | asyncpg.Connection, entries: Sequence[Logged], at: dt.datetime
+) -> None:
+    """Append envelopes to `plt_message` (a duplicate msg_id in one direction is kept once)."""
+    if not entries:
+        return
+    await executor.executemany(
+        _LOG,
+        [
+            (
+                e.direction,
+                e.envelope.from_node,
+                e.envelope.to_node,
+                str(e.envelope.typ),
+                e.envelope.msg_id,
+                e.dedup_key,
+                body_hash(e.envelope.body),
+                e.wire_bytes,
+                at,
+            )
+            for e in entries
+        ],
+    )
+
+
+# --- batches on the wire -----------------------------------------------------------------------
+
+_json_items = msgspec.json.Decoder(list[msgspec.Raw])
+_msgpack_items = msgspec.msgpack.Decoder(list[msgspec.Raw])
+
+
+def split_batch(raw: bytes, wire: Wire) -> list[bytes]:
+    """The items of a batch as their exact wire bytes; MalformedMessage for a bad array."""
+    try:
+        items = _json_items.decode(raw) if wire == "json" else _msgpack_items.decode(raw)
+    except (msgspec.DecodeError, ValueError) as exc:  # ValueError: bad UTF-8
+        raise MalformedMessage(f"batch: {exc}") from None
+    if len(items) > BATCH_MAX:
+        raise MalformedMessage(f"a batch holds at most {BATCH_MAX} envelopes, got {len(items)}")
+    return [bytes(item) for item in items]
+
+
+def join_batch(items: Sequence[bytes], wire: Wire) -> bytes:
+    """A batch from item wire bytes (the same bytes `encode_batch` would produce)."""
+    if wire == "json":
+        return b"[" + b",".join(items) + b"]"
+    count = len(items)
+    header = bytes([0x90 | count]) if count < 16 else b"\xdc" + count.to_bytes(2, "big")
+    return header + b"".join(items)
+
+
+def wire_of(content_type: str | None) -> Wire | None:
+    """`json` or `msgpack` from a Content-Type header; None when it is neither."""
+    value = (content_type or "").split(";", 1)[0].strip().lower()
+    if value in ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack"):
+        return "msgpack"
+    if value == "application/json" or value.endswith("+json"):
+        return "json"
+    return None
+
+
+# --- the sender ------------------------------------------------------------------------------
+
+
+@dataclass
+class SendReport:
+    """What one `run_once` did."""
+
+    claimed: int = 0
+    delivered: int = 0  # a signed reply came back, opened, and was handed to its feature
+    failed: int = 0  # no usable reply: rescheduled with backoff
+    gave_up: int = 0  # closed because give_up_at passed
+
+    def __bool__(self) -> bool:
+        # A worker runs the next pass at once while there was something to send.
+        return self.claimed > 0
+
+    def add(self, other: SendReport) -> None:
+        self.claimed += other.claimed
+        self.delivered += other.delivered
+        self.failed += other.failed
+        self.gave_up += other.gave_up
+
+
+@dataclass
+class _Row:
+    id: int
+    to_node: str
+    typ: str
+    dedup_key: str
+    body: bytes
+    attempts: int
+    # Filled in after the attempt.
+    error: str | None = None
+
+
+_GIVE_UP = """
+UPDATE plt_outbox SET done_at = $1, last_error = 'gave up: give_up_at passed'
+WHERE id IN (
+    SELECT id FROM plt_outbox
+    WHERE done_at IS NULL AND give_up_at IS NOT NULL AND give_up_at <= $1
+    ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
+RETURNING id, to_node, typ, dedup_key
+"""
+# Rows to a frozen peer (peer_link, an equivocating node) wait until an operator lifts it.
+_CLAIM = """
+UPDATE plt_outbox AS o SET next_attempt_at = $2, attempts = o.attempts + 1
+FROM (
+    SELECT id FROM plt_outbox
+    WHERE done_at IS NULL AND next_attempt_at <= $1
+      AND (give_up_at IS NULL OR give_up_at > $1)
+      AND NOT EXISTS (SELECT 1 FROM peer_link f WHERE f.node = plt_outbox.to_node)
+    ORDER BY next_attempt_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) AS due
+WHERE o.id = due.id
+RETURNING o.id, o.to_node, o.typ, o.dedup_key, o.body, o.attempts
+"""
+# `last_error` always tells the latest attempt; the next attempt is set only on rows still
+# open (a feature may have stopped one while its reply was being handled).
+_RESCHEDULE = """
+UPDATE plt_outbox AS o
+SET next_attempt_at = CASE WHEN o.done_at IS NULL THEN u.next_at ELSE o.next_attempt_at END,
+    last_error = u.error
+FROM unnest($1::bigint[], $2::timestamptz[], $3::text[]) AS u(id, next_at, error)
+WHERE o.id = u.id
+"""
+_DONE = "UPDATE plt_outbox SET done_at = $2, last_error = NULL WHERE id = $1 AND done_at IS NULL"
+
+_rng = random.Random()
+
+
+def _ms(instant: dt.datetime) -> int:
+    # Exact integer arithmetic: no float rounding of the instant.
+    return (instant - EPOCH) // dt.timedelta(milliseconds=1)
+
+
+def require_plt(ctx: WalletContext) -> PltNode:
+    """The node's PLT/1 identity; RuntimeError when the node has no keys."""
+    if ctx.plt is None:
+        raise RuntimeError("this node has no PLT/1 keys (plt-node keys init)")
+    return ctx.plt
+
+
+async def run_once(
+    ctx: WalletContext, *, rng: random.Random | None = None, wire: Wire = WIRE
+) -> SendReport:
+    """Send everything due now, handle the replies, reschedule; return the counts.
+
+    Deterministic enough for tests: with a ManualClock, every row due at the call is tried
+    exactly once (a tried row is due again only after its backoff).
+    """
+    node = require_plt(ctx)
+    report = SendReport()
+    for _ in range(ROUNDS_MAX):
+        now = ctx.clock.now()
+        async with ctx.pool.acquire() as conn:
+            gave_up = await conn.fetch(_GIVE_UP, now, CLAIM_ROWS_MAX)
+            rows = [
+                _Row(**dict(r))
+                for r in await conn.fetch(
+                    _CLAIM, now, now + dt.timedelta(milliseconds=LEASE_MS), CLAIM_ROWS_MAX
+                )
+            ]
+        for g in gave_up:
+            log.warning("plt_outbox_gave_up", to=g["to_node"], typ=g["typ"], key=g["dedup_key"])
+        report.gave_up += len(gave_up)
+        if not rows:
+            break
+        report.add(await _send_rows(ctx, node, rows, now, rng or _rng, wire))
+    return report
+
+
+async def _send_rows(
+    ctx: WalletContext,
+    node: PltNode,
+    rows: list[_Row],
+    now: dt.datetime,
+    rng: random.Random,
+    wire: Wire,
+) -> SendReport:
+    by_peer: dict[str, list[_Row]] = defaultdict(list)
+    for row in sorted(rows, key=lambda r: r.id):
+        by_peer[row.to_node].append(row)
+    limit = asyncio.Semaphore(PEERS_IN_PARALLEL)
+
+    async def one_peer(peer: str, peer_rows: list[_Row]) -> None:
+        async with limit:
+            for chunk in _chunks(peer_rows):
+                await _send_chunk(ctx, node, peer, chunk, wire)
+
+    await asyncio.gather(*(one_peer(p, r) for p, r in by_peer.items()))
+    report = SendReport(claimed=len(rows))
+    ids, next_at, errors = [], [], []
+    for row in rows:
+        if row.error is None:
+            report.delivered += 1
+        else:
+            report.failed += 1
+        delay_ms = retry_delay_ms(row.attempts - 1, rng.random() * 0.999)
+        ids.append(row.id)
+        next_at.append(ctx.clock.now() + dt.timedelta(milliseconds=delay_ms))
+        errors.append(None if row.error is None else row.error[:LAST_ERROR_CHARS_MAX])
+    await ctx.pool.execute(_RESCHEDULE, ids, next_at, errors)
+    return report
+
+
+def _chunks(rows: list[_Row]) -> list[list[_Row]]:
+    """At most BATCH_MAX rows and about POST_BYTES_MAX of bodies per POST."""
+    chunks: list[list[_Row]] = []
+    current: list[_Row] = []
+    size = 0
+    for row in rows:
+        if current and (len(current) == BATCH_MAX or size + len(row.body) > POST_BYTES_MAX):
+            chunks.append(current)
+            current, size = [], 0
+        current.append(row)
+        size += len(row.body) + 256  # envelope overhead
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+async def _send_chunk(
+    ctx: WalletContext, node: PltNode, peer: str, rows: list[_Row], wire: Wire
+) -> None:
+    now_ms = _ms(ctx.clock.now())
+    sealed: list[tuple[_Row, Envelope, bytes]] = []
+    for row in rows:
+        try:
+            env = node.seal(MessageType(row.typ), peer, row.body, now_ms)
+        except (ValueError, ProtocolError) as exc:  # unknown typ, no usable key
+            row.error = f"cannot seal: {exc}"
+            continue
+        sealed.append((row, env, encode_envelope(env, wire)))
+    if not sealed:
+        return
+    try:
+        replies = await _post(node, peer, [item for _, _, item in sealed], wire)
+    except (httpx.HTTPError, UnknownPeer, MalformedMessage, _PeerAnswer) as exc:
+        for row, _, _ in sealed:
+            row.error = f"send to {peer}: {exc!r}"
+        log.info("plt_send_failed", peer=peer, rows=len(sealed), error=repr(exc))
+        return
+    await _handle_replies(ctx, node, peer, sealed, replies, wire)
+
+
+class _PeerAnswer(Exception):
+    """The peer answered, but not with a reply batch we can use (a 4xx/5xx, a short batch)."""
+
+
+async def _post(node: PltNode, peer: str, items: list[bytes], wire: Wire) -> list[bytes]:
+    response = await node.http.post(
+        node.url_of(peer) + MESSAGES_PATH,
+        content=join_batch(items, wire),
+        headers={"content-type": CONTENT_TYPES[wire], "accept": CONTENT_TYPES[wire]},
+    )
+    if response.status_code != 200:
+        raise _PeerAnswer(f"HTTP {response.status_code}: {response.text[:200]}")
+    reply_wire = wire_of(response.headers.get("content-type")) or wire
+    replies = split_batch(response.content, reply_wire)
+    if len(replies) != len(items):
+        raise _PeerAnswer(f"{len(replies)} replies to {len(items)} envelopes")
+    return replies
+
+
+async def _handle_replies(
+    ctx: WalletContext,
+    node: PltNode,
+    peer: str,
+    sealed: list[tuple[_Row, Envelope, bytes]],
+    replies: list[bytes],
+    wire: Wire,
+) -> None:
+    now = ctx.clock.now()
+    logged: list[Logged] = []
+    handled: list[tuple[_Row, Incoming]] = []
+    for (row, env, item), raw_reply in zip(sealed, replies, strict=True):
+        logged.append(Logged("out", env, item, row.dedup_key))
+        try:
+            opened = await node.open(raw_reply, _ms(now), wire=wire)
+        except ProtocolError as exc:
+            row.error = f"reply from {peer} refused: {exc.code} {exc.message}"
+            log.warning("plt_reply_refused", peer=peer, typ=row.typ, error=exc.message)
+            continue
+        reply_env = opened.envelope
+        if reply_env.from_node != peer:
+            row.error = f"reply signed by {reply_env.from_node}, sent to {peer}"
+            log.warning("plt_reply_from_other_node", peer=peer, signer=reply_env.from_node)
+            continue
+        logged.append(Logged("in", reply_env, raw_reply, dedup_key_of(opened.body)))
+        incoming = Incoming(
+            from_node=peer,
+            typ=reply_env.typ,
+            body=opened.body,
+            body_hash=body_hash(reply_env.body),
+            envelope=raw_reply,
+            msg_id=reply_env.msg_id,
+            now_ms=_ms(now),
+            is_reply=True,
+        )
+        handled.append((row, incoming))
+    # Evidence first: the envelopes are on record before any feature acts on them.
+    await log_messages(ctx.pool, logged, now)
+    for row, incoming in handled:
+        await _hand_over(ctx, row, incoming)
+
+
+async def _hand_over(ctx: WalletContext, row: _Row, incoming: Incoming) -> None:
+    body = incoming.body
+    if isinstance(body, ErrorReply):
+        if body.ref_hash is not None and body.ref_hash != body_hash(row.body):
+            row.error = "ERROR reply for another body"
+            return
+        row.error = f"peer refused: {int(body.error.code)} {body.error.class_} {body.error.text}"
+        log.warning(
+            "plt_error_reply",
+            peer=incoming.from_node,
+            typ=row.typ,
+            key=row.dedup_key,
+            code=int(body.error.code),
+            error_class=str(body.error.class_),
+            differs=list(body.differs),
+        )
+        handler = _ERROR_REPLY_HANDLERS.get(MessageType(row.typ))
+        if handler is not None:
+            try:
+                await handler(ctx, incoming, body)
+            except Exception as exc:  # a feature bug must not stop the sender
+                log.error("plt_error_handler_failed", typ=row.typ, error=repr(exc), exc_info=exc)
+        return
+    try:
+        await dispatch(ctx, incoming)
+        if MessageType(row.typ) in DONE_ON_REPLY:
+            await ctx.pool.execute(_DONE, row.id, ctx.clock.now())
+    except NoHandler:
+        row.error = f"no handler for reply {incoming.typ}"
+        log.error("plt_reply_unhandled", typ=str(incoming.typ), peer=incoming.from_node)
+    except ProtocolError as exc:
+        row.error = f"reply not applied: {exc.code} {exc.message}"
+        log.warning("plt_reply_not_applied", typ=str(incoming.typ), error=exc.message)
+    except Exception as exc:  # a feature bug must not stop the sender; the row is retried
+        row.error = f"reply handler failed: {exc!r}"
+        log.error("plt_reply_handler_failed", typ=str(incoming.typ), error=repr(exc), exc_info=exc)
+
+
+async def call(ctx: WalletContext, to_node: str, body: Body, *, wire: Wire = WIRE) -> Incoming:
+    """Send one message now, outside the outbox, and return its verified reply.
+
+    For queries whose answer is only useful now (a STATUS_REQ from a user's screen). Both
+    envelopes are logged. Raises httpx.HTTPError, ProtocolError or RuntimeError; nothing
+    is retried and the reply is not dispatched.
+    """
+    node = require_plt(ctx)
+    now = ctx.clock.now()
+    env = node.seal(typ_of(body), to_node, body, _ms(now))
+    item = encode_envelope(env, wire)
+    try:
+        raw_reply = (await _post(node, to_node, [item], wire))[0]
+    except _PeerAnswer as exc:
+        raise RuntimeError(str(exc)) from None
+    opened = await node.open(raw_reply, _ms(ctx.clock.now()), wire=wire)
+    if opened.envelope.from_node != to_node:
+        raise RuntimeError(f"reply signed by {opened.envelope.from_node}, sent to {to_node}")
+    await log_messages(
+        ctx.pool,
+        [
+            Logged("out", env, item, dedup_key_of(body)),
+            Logged("in", opened.envelope, raw_reply, dedup_key_of(opened.body)),
+        ],
+        now,
+    )
+    return Incoming(
+        from_node=to_node,
+        typ=opened.envelope.typ,
+        body=opened.body,
+        body_hash=body_hash(opened.envelope.body),
+        envelope=raw_reply,
+        msg_id=opened.envelope.msg_id,
+        now_ms=_ms(now),
+        is_reply=True,
+    )
+
+
+# --- worker passes (run repeatedly by nodes.workers) ---------------------------------------------
+
+
+async def refresh_keysets_once(ctx: WalletContext) -> int:
+    """Reload our own keys if `plt-node keys` changed them, and refresh every peer's key set
+    (PROTOCOL b.11: every 10 minutes). Returns 0: there is never more to do at once."""
+    node = require_plt(ctx)
+    node.reload_own_keys()
+    await node.refresh_all(_ms(ctx.clock.now()))
+    return 0
