@@ -1,35 +1,52 @@
-"""A scripted walk through one province node, over real HTTP, on embedded PostgreSQL.
+"""A scripted walk through two province nodes, over real HTTP, on embedded PostgreSQL.
 
-It starts a node on a free loopback port with fresh demo data (under `data/demo/`), then
-plays the people involved: the operator imports the roster and posts monthly credits and
-registers a pharmacy; a father and his child open wallets; the father files the
-relationship and the child confirms it; the child pays at the pharmacy with the father's
-shared money; the pharmacy refunds part of it; the books are checked.
+Two provinces run in this process on loopback ports, Hebei (130000) and Shanghai (310000),
+each with its own database, keys and peer directory, with their workers on: the outbox
+sender delivers signed PLT/1 messages between them by itself. The walk plays the people:
+
+ 1. each province's operator imports its roster; Hebei posts the father's monthly credit,
+    Shanghai registers a pharmacy;
+ 2. the father (Hebei, employee scheme) and his daughter (Shanghai, resident scheme) open
+    wallets;
+ 3. he files the relationship with her province; she confirms it from her own wallet;
+ 4. he grants her a ¥300 quota; she accepts; Hebei commits (two-phase, signed);
+ 5. she pays ¥88.50 at the Shanghai pharmacy with her own payment code, from the quota;
+ 6. he ends the relationship; Shanghai closes the quota and releases the unused ¥211.50,
+    which Hebei returns to his personal account;
+ 7. both provinces' books are checked.
+
+The demo's clock is real time shifted to 10:00 Shanghai time on the day it runs, so the
+walk never falls into the 22:00-06:00 grant blackout (RULES 13).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import datetime as dt
+import logging
 import shutil
-import socket
-from collections.abc import AsyncIterator
+import zoneinfo
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 from rich.console import Console
 from rich.table import Table
 
-from nodes.app import create_app
+from nodes.network import LocalNetwork, LocalNode, Province
 from nodes.settings import Settings
+from protocol.ids import uuid7
 from wallet.idnumber import check_character
 from wallet.otp import RecordingOtpSender
 
-OPERATOR_TOKEN = "demo-operator-token"
+HEBEI, SHANGHAI = "prov-13", "prov-31"
 PASSWORD_FATHER = "246813"
-PASSWORD_CHILD = "975312"
+PASSWORD_DAUGHTER = "975312"
+GRANT_FEN = 30_000
+PAYMENT_FEN = 8_850
+CREDIT_FEN = 50_000
+WAIT_S = 20.0
 
 
 def _id_number(region: str, birth: str, seq: str) -> str:
@@ -45,206 +62,257 @@ FATHER = {
     "pooling_region": "130100",
     "phone": "13800000001",
 }
-CHILD = {
+DAUGHTER = {
+    # Born in Hebei, insured in Shanghai: nodes route by where she is insured (RULES 22).
     "id_number": _id_number("130102", "20020611", "062"),
-    "name": "张小明",
+    "name": "张丽",
     "scheme": "resident",
     "status": "normal",
-    "pooling_region": "130100",
-    "phone": "13800000002",
+    "pooling_region": "310100",
+    "phone": "13900000002",
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class DemoClock:
+    """Real time, moved to 10:00 Shanghai time of the current day (outside the blackout)."""
+
+    def __init__(self, timezone: str = "Asia/Shanghai") -> None:
+        tz = zoneinfo.ZoneInfo(timezone)
+        real = dt.datetime.now(dt.UTC)
+        ten = real.astimezone(tz).replace(hour=10, minute=0, second=0, microsecond=0)
+        self._offset = ten.astimezone(dt.UTC) - real
+
+    def now(self) -> dt.datetime:
+        return dt.datetime.now(dt.UTC) + self._offset
 
 
 def _yuan(fen: int) -> str:
     return f"¥{fen // 100:,}.{fen % 100:02d}"
 
 
-@contextlib.asynccontextmanager
-async def serve_node(settings: Settings, otp: RecordingOtpSender) -> AsyncIterator[str]:
-    """Run the node's app with uvicorn on loopback for the duration of the block."""
-    app = create_app(settings, otp_sender=otp)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=settings.port,
-            log_config=None,
-            access_log=False,
-            lifespan="on",
-        )
-    )
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()  # re-raise why it stopped
-            raise RuntimeError("the node stopped during start-up")
-        await asyncio.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{settings.port}"
-    finally:
-        server.should_exit = True
-        await task
+class Person:
+    """Somebody using their app against their own province's node."""
 
-
-class Walk:
-    def __init__(self, http: httpx.AsyncClient, console: Console, otp: RecordingOtpSender):
-        self.http = http
-        self.console = console
-        self.otp = otp
-        self.operator = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
-
-    def step(self, text: str) -> None:
-        self.console.rule(f"[bold]{text}")
+    def __init__(self, node: LocalNode, row: dict[str, str], password: str) -> None:
+        self.node = node
+        self.row = row
+        self.password = password
+        self.headers: dict[str, str] = {}
 
     async def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = await self.http.request(method, path, **kwargs)
-        if response.status_code >= 400:
-            raise RuntimeError(f"{method} {path} -> {response.status_code}: {response.text}")
-        return response.json() if response.content else None
+        return await _call(self.node, method, path, headers=self.headers, **kwargs)
 
-    async def open_wallet(self, who: dict[str, str], password: str) -> dict[str, str]:
+    async def open_wallet(self) -> None:
         challenge = await self.call(
             "POST",
             "/app/v1/otp",
-            json={"id_number": who["id_number"], "name": who["name"], "purpose": "open_wallet"},
+            json={
+                "id_number": self.row["id_number"],
+                "name": self.row["name"],
+                "purpose": "open_wallet",
+            },
         )
+        otp = self.node.otp
+        assert isinstance(otp, RecordingOtpSender)
         opened = await self.call(
             "POST",
             "/app/v1/wallets",
             json={
                 "otp_id": challenge["otp_id"],
-                "otp_code": self.otp.last[who["phone"]],
-                "payment_password": password,
+                "otp_code": otp.last[self.row["phone"]],
+                "payment_password": self.password,
             },
         )
-        self.console.print(
-            f"{who['name'][0]}** opened a wallet (code sent to {challenge['phone_masked']})"
-        )
-        return {"Authorization": f"Bearer {opened['token']}"}
+        self.headers = {"Authorization": f"Bearer {opened['token']}"}
 
-    async def balance(self, headers: dict[str, str]) -> int:
-        wallet = await self.call("GET", "/app/v1/wallet", headers=headers)
+    async def available_fen(self) -> int:
+        wallet = await self.call("GET", "/app/v1/wallet")
         account = wallet["personal_account"]
         return int(account["available_fen"]) if account else 0
 
 
-async def walk(http: httpx.AsyncClient, console: Console, otp: RecordingOtpSender) -> bool:
-    w = Walk(http, console, otp)
+async def _call(node: LocalNode, method: str, path: str, **kwargs: Any) -> Any:
+    async with httpx.AsyncClient(base_url=node.url, timeout=30) as http:
+        response = await http.request(method, path, **kwargs)
+    if response.status_code >= 400:
+        raise RuntimeError(
+            f"{method} {node.node_id}{path} -> {response.status_code}: {response.text}"
+        )
+    return response.json() if response.content else None
 
-    w.step("1. The operator imports the roster and posts March's monthly credits")
-    await w.call(
-        "POST", "/operator/v1/roster", json={"persons": [FATHER, CHILD]}, headers=w.operator
+
+async def _until(what: str, check: Callable[[], Awaitable[bool]]) -> None:
+    """Wait for the workers to deliver (they poll every 0.1 s)."""
+    deadline = asyncio.get_running_loop().time() + WAIT_S
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def walk(net: LocalNetwork, console: Console) -> bool:
+    hebei, shanghai = net[HEBEI], net[SHANGHAI]
+    operator = {"Authorization": f"Bearer {net.operator_token}"}
+
+    def step(text: str) -> None:
+        console.rule(f"[bold]{text}")
+
+    step("1. Operators: rosters, a monthly credit in Hebei, a pharmacy in Shanghai")
+    await _call(hebei, "POST", "/operator/v1/roster", json={"persons": [FATHER]}, headers=operator)
+    await _call(
+        shanghai, "POST", "/operator/v1/roster", json={"persons": [DAUGHTER]}, headers=operator
     )
-    await w.call(
+    await _call(
+        hebei,
         "POST",
         "/operator/v1/credit-batches",
-        headers=w.operator,
+        headers=operator,
         json={
             "batch_id": "demo-2026-03",
             "month": "2026-03",
-            "credits": [{"id_number": FATHER["id_number"], "amount_fen": 50_000}],
+            "credits": [{"id_number": FATHER["id_number"], "amount_fen": CREDIT_FEN}],
         },
     )
-    console.print(
-        f"father (employee scheme) credited {_yuan(50_000)}; "
-        "the child is in the resident scheme and has no personal account"
-    )
-
-    w.step("2. The operator registers a designated pharmacy")
-    pharmacy = await w.call(
+    pharmacy = await _call(
+        shanghai,
         "POST",
         "/operator/v1/institutions",
-        headers=w.operator,
+        headers=operator,
         json={
-            "code": "PH-0001",
+            "code": "SH-PH-0001",
             "name": "仁心大药房",
             "kind": "pharmacy",
-            "categories": ["pharmacy_drug", "medical_device", "medical_consumable"],
+            "categories": ["pharmacy_drug", "medical_device"],
         },
     )
     pharmacy_headers = {"Authorization": f"Bearer {pharmacy['api_key']}"}
-    console.print(f"pharmacy {pharmacy['code']} registered; API key shown once")
+    console.print(
+        f"Hebei credited the father {_yuan(CREDIT_FEN)}; Shanghai registered "
+        f"pharmacy {pharmacy['code']} (API key shown once)"
+    )
 
-    w.step("3. Father and child open wallets (roster match, SMS code, payment password)")
-    father = await w.open_wallet(FATHER, PASSWORD_FATHER)
-    child = await w.open_wallet(CHILD, PASSWORD_CHILD)
+    step("2. The father (Hebei) and his daughter (Shanghai) open wallets")
+    father = Person(hebei, FATHER, PASSWORD_FATHER)
+    daughter = Person(shanghai, DAUGHTER, PASSWORD_DAUGHTER)
+    await father.open_wallet()
+    await daughter.open_wallet()
+    console.print("roster match, SMS code and payment password, each at their own node")
 
-    w.step("4. The father files the relationship; the child confirms it")
-    filed = await w.call(
+    step("3. He files the relationship with her province; she confirms it in Shanghai")
+    filed = await father.call(
         "POST",
-        "/app/v1/relationships",
-        headers=father,
+        "/app/v1/cross-relationships",
         json={
-            "receiver_id_number": CHILD["id_number"],
-            "receiver_name": CHILD["name"],
+            "receiver_province": "310000",
+            "receiver_id_number": DAUGHTER["id_number"],
+            "receiver_name": DAUGHTER["name"],
             "relation_type": "child",
             "evidence_ref": "HUKOU-1301-778899",
             "payment_password": PASSWORD_FATHER,
         },
     )
-    confirmed = await w.call(
-        "POST",
-        f"/app/v1/relationships/{filed['id']}/confirm",
-        headers=child,
-        json={"payment_password": PASSWORD_CHILD},
-    )
-    console.print(f"relationship {filed['id']}: {filed['state']} -> {confirmed['state']}")
+    relation_id = filed["relation_id"]
 
-    w.step("5. The child pays ¥88.50 for drugs at the pharmacy with their own payment code")
-    code = await w.call("POST", "/app/v1/payment-codes", headers=child)
-    settled = await w.call(
+    async def offered() -> bool:
+        mine = await daughter.call("GET", "/app/v1/cross-relationships?role=receiver")
+        return any(r["relation_id"] == relation_id for r in mine)
+
+    await _until("the signed relationship request to reach Shanghai", offered)
+    await daughter.call(
+        "POST",
+        f"/app/v1/cross-relationships/{relation_id}/confirm",
+        json={"payment_password": PASSWORD_DAUGHTER},
+    )
+
+    async def relation_active() -> bool:
+        view = await father.call("GET", f"/app/v1/cross-relationships/{relation_id}")
+        return bool(view["state"] == "active")
+
+    await _until("the signed confirmation to reach Hebei", relation_active)
+    console.print(f"relationship {relation_id[:8]}… is active on both nodes")
+
+    step(f"4. He grants her a {_yuan(GRANT_FEN)} quota; she accepts; Hebei commits")
+    transfer_id = uuid7()
+    instructed = await father.call(
+        "POST",
+        "/app/v1/grants",
+        json={
+            "transfer_id": transfer_id,
+            "relation_id": relation_id,
+            "amount_fen": GRANT_FEN,
+            "payment_password": PASSWORD_FATHER,
+        },
+    )
+    console.print(f"grant {transfer_id[:8]}…: {instructed['state']} (amount held in Hebei)")
+
+    async def incoming() -> bool:
+        grants = await daughter.call("GET", "/app/v1/grants/incoming")
+        return any(g["transfer_id"] == transfer_id for g in grants)
+
+    await _until("PREPARE to reach Shanghai", incoming)
+    await daughter.call(
+        "POST",
+        f"/app/v1/grants/incoming/{transfer_id}/accept",
+        json={"payment_password": PASSWORD_DAUGHTER},
+    )
+
+    async def committed() -> bool:
+        view = await father.call("GET", f"/app/v1/grants/{transfer_id}")
+        quotas = await daughter.call("GET", "/app/v1/quotas")
+        return bool(view["state"] == "COMMITTED") and quotas["available_fen"] == GRANT_FEN
+
+    await _until("the signed COMMIT to reach Shanghai", committed)
+    console.print(
+        f"father's personal account: {_yuan(await father.available_fen())} "
+        f"({_yuan(GRANT_FEN)} frozen for her); her quota: {_yuan(GRANT_FEN)}"
+    )
+
+    step(f"5. She pays {_yuan(PAYMENT_FEN)} at the Shanghai pharmacy with her own code")
+    code = await daughter.call("POST", "/app/v1/payment-codes")
+    settled = await _call(
+        shanghai,
         "POST",
         "/institution/v1/settlements",
         headers=pharmacy_headers,
         json={
             "payment_code": code["code"],
-            "amount_fen": 8_850,
+            "amount_fen": PAYMENT_FEN,
             "category": "pharmacy_drug",
-            "reference": "RX-20260316-0001",
+            "reference": "RX-SH-0001",
         },
     )
-    table = Table("source", "from", "amount")
+    table = Table("source", "amount")
     for source in settled["sources"]:
-        table.add_row(
-            source["source"],
-            source.get("giver_name_masked") or "own account",
-            _yuan(source["amount_fen"]),
-        )
+        table.add_row(source["source"], _yuan(source["amount_fen"]))
     console.print(table)
 
-    w.step("6. The pharmacy refunds ¥20.00 of it; the money goes back where it came from")
-    await w.call(
+    step("6. He ends the relationship; the unused quota goes back to him")
+    await father.call(
         "POST",
-        "/institution/v1/settlements/RX-20260316-0001/refunds",
-        headers=pharmacy_headers,
-        json={"reference": "RF-0001", "amount_fen": 2_000},
+        f"/app/v1/cross-relationships/{relation_id}/end",
+        json={"payment_password": PASSWORD_FATHER},
     )
-    father_fen = await w.balance(father)
-    console.print(f"father's personal account: {_yuan(father_fen)} (= 500.00 - 88.50 + 20.00)")
-    records = await w.call("GET", "/app/v1/wallet/records", headers=father)
-    table = Table("direction", "amount", "purpose", "counterpart")
-    for record in records["records"]:
-        table.add_row(
-            record["direction"],
-            _yuan(record["amount_fen"]),
-            record["purpose"],
-            str(record.get("counterpart") or ""),
-        )
-    console.print(table)
+    expected_father = CREDIT_FEN - PAYMENT_FEN
 
-    w.step("7. The books")
-    books = await w.call("GET", "/operator/v1/ledger/check", headers=w.operator)
-    ok = father_fen == 50_000 - 8_850 + 2_000 and bool(books["balanced"])
+    async def released() -> bool:
+        return await father.available_fen() == expected_father
+
+    await _until("the signed release to reach Hebei", released)
+    console.print(
+        f"father's personal account: {_yuan(expected_father)} "
+        f"(= {_yuan(CREDIT_FEN)} - {_yuan(PAYMENT_FEN)} spent by her)"
+    )
+
+    step("7. The books of both provinces")
+    ok = True
+    for node in (hebei, shanghai):
+        books = await _call(node, "GET", "/operator/v1/ledger/check", headers=operator)
+        ok = ok and bool(books["balanced"])
+        console.print(f"{node.node_id}: {'balanced' if books['balanced'] else books}")
     console.print(
         "[green]balanced, every fen accounted for[/green]"
         if ok
-        else f"[red]unexpected: {books}[/red]"
+        else "[red]the books do not balance[/red]"
     )
     return ok
 
@@ -252,23 +320,17 @@ async def walk(http: httpx.AsyncClient, console: Console, otp: RecordingOtpSende
 async def run_demo(base: Settings, console: Console) -> int:
     data_dir = Path(base.data_dir) / "demo"
     shutil.rmtree(data_dir, ignore_errors=True)  # demo data is always fresh
-    settings = Settings(
-        province_code="130000",
-        node_id="prov-13",
-        data_dir=str(data_dir),
-        port=_free_port(),
-        operator_token=OPERATOR_TOKEN,
-        log_level="WARNING",
+    clock = DemoClock()
+    for name in ("uvicorn", "uvicorn.error", "httpx"):  # the walk narrates; keep them quiet
+        logging.getLogger(name).setLevel(logging.WARNING)
+    console.print("starting Hebei (130000) and Shanghai (310000) on embedded PostgreSQL ...")
+    network = LocalNetwork(
+        provinces=(Province("130000", HEBEI), Province("310000", SHANGHAI)),
+        data_dir=data_dir,
+        clock=clock,
+        workers=True,
     )
-    otp = RecordingOtpSender()
-    console.print(
-        f"starting province node {settings.node_id} ({settings.province_code}) "
-        "on embedded PostgreSQL ..."
-    )
-    async with (
-        serve_node(settings, otp) as url,
-        httpx.AsyncClient(base_url=url, timeout=30) as http,
-    ):
-        console.print(f"node listening on {url}  (OpenAPI: {url}/schema)")
-        ok = await walk(http, console, otp)
-    return 0 if ok else 1
+    async with network as net:
+        for node in net.nodes.values():
+            console.print(f"{node.node_id} listening on {node.url}  (OpenAPI: {node.url}/schema)")
+        return 0 if await walk(net, console) else 1

@@ -1,4 +1,4 @@
-"""The README's main command: `plt-node demo` walks a node from roster to refund."""
+"""The README's main command: `plt-node demo` walks a grant between two provinces."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_demo_command_walks_from_roster_to_refund_with_balanced_books() -> None:
+def test_demo_walks_a_grant_from_filing_to_spending_with_balanced_books() -> None:
     data_dir = ROOT / "data" / f"test-demo-{os.getpid()}"
     env = {**os.environ, "PLT_DATA_DIR": str(data_dir), "COLUMNS": "120"}
     env.pop("DATABASE_URL", None)  # the demo runs on its own embedded PostgreSQL
@@ -22,10 +22,15 @@ def test_demo_command_walks_from_roster_to_refund_with_balanced_books() -> None:
             env=env,
             capture_output=True,
             text=True,
-            timeout=180,
+            timeout=300,
         )
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "balanced, every fen accounted for" in result.stdout
-    assert "¥431.50" in result.stdout  # 500.00 - 88.50 + 20.00
+    out = result.stdout
+    assert "relationship" in out and "is active on both nodes" in out
+    assert "her quota: ¥300.00" in out
+    assert "quota" in out.split("5. She pays")[1].split("6. He ends")[0]
+    assert "father's personal account: ¥411.50" in out  # 500.00 - 88.50
+    assert "prov-13: balanced" in out and "prov-31: balanced" in out
+    assert "balanced, every fen accounted for" in out
