@@ -144,7 +144,7 @@ class AppGrantsController(Controller):
         self,
         ctx: NamedDependency[WalletContext],
         caller: NamedDependency[AppCaller],
-        transfer_id: str,
+        transfer_id: FromPath[str],
     ) -> dict[str, Any]:
         """The receipt of a committed grant: both nodes' signed envelopes (PREPARE,
         RECEIVED, ACCEPT, DECISION, ACK) and the key sets that verify them, offline."""
@@ -156,7 +156,7 @@ class AppGrantsController(Controller):
         ctx: NamedDependency[WalletContext],
         caller: NamedDependency[AppCaller],
         # `state` is a reserved parameter name in Litestar (the app state).
-        quota_state: Annotated[QuotaState | None, QueryParameter(query="state")] = None,
+        quota_state: Annotated[QuotaState | None, QueryParameter(name="state")] = None,
     ) -> QuotaSummary:
         """Quotas relatives in other provinces granted me: granted, used, available."""
         return await quota.quotas_of(ctx, caller.person_id, quota_state)
