@@ -34,6 +34,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from nodes.logging import configure_logging
 from nodes.network import LocalNetwork, LocalNode, Province
 from nodes.settings import Settings
 from protocol.ids import uuid7
@@ -321,7 +322,9 @@ async def run_demo(base: Settings, console: Console) -> int:
     data_dir = Path(base.data_dir) / "demo"
     shutil.rmtree(data_dir, ignore_errors=True)  # demo data is always fresh
     clock = DemoClock()
-    for name in ("uvicorn", "uvicorn.error", "httpx"):  # the walk narrates; keep them quiet
+    # The walk narrates; the nodes' own logs would drown it, so only warnings show.
+    configure_logging("WARNING", "console")
+    for name in ("uvicorn", "uvicorn.error", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
     console.print("starting Hebei (130000) and Shanghai (310000) on embedded PostgreSQL ...")
     network = LocalNetwork(
