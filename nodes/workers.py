@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import structlog
 
 from wallet.context import WalletContext
-from wallet.plt import grants, transport
+from wallet.plt import clearing, grants, statements, transport
 
 log = structlog.get_logger("nodes.workers")
 
@@ -67,6 +67,11 @@ register_worker(
 # Grants: A aborts grants past their deadline; B asks A about holds in doubt.
 register_worker("grants-sweeper", grants.sweeper_run_once, interval_s=grants.SWEEP_INTERVAL_S)
 register_worker("grants-resolver", grants.resolver_run_once, interval_s=grants.RESOLVE_INTERVAL_S)
+# Reconciliation: close ready windows and send their STATEMENTs (clearing: USAGE handlers).
+register_worker(
+    "recon-statements", statements.run_once, interval_s=statements.STATEMENTS_INTERVAL_S
+)
+_RECON_HANDLERS = (clearing.on_usage, clearing.on_recon_reply)  # USAGE, RECON_REPLY
 
 
 class WorkerSet:

@@ -71,6 +71,10 @@ class MessageType(StrEnum):
     REL_END = "REL_END"
     RELEASE = "RELEASE"
     ERROR = "ERROR"
+    STATEMENT_DETAIL_REQ = "STATEMENT_DETAIL_REQ"
+    STATEMENT_DETAIL = "STATEMENT_DETAIL"
+    USAGE = "USAGE"
+    RECON_REPLY = "RECON_REPLY"
 
 
 class RelationType(StrEnum):
@@ -384,6 +388,107 @@ class Release(Body, frozen=True, kw_only=True):
             raise ValueError("a grant is listed twice")
 
 
+# --- reconciliation and clearing (PROTOCOL b.10, RULES 16) --------------------------------
+
+Month = Annotated[str, msgspec.Meta(pattern=r"^\d{4}-(0[1-9]|1[0-2])$")]
+Bucket = Annotated[int, msgspec.Meta(ge=0, lt=STATEMENT_BUCKETS)]
+USAGE_LINES_MAX = 4_096  # grants per USAGE part (about 0.4 MB of msgpack)
+
+
+class StatementLine(Body, frozen=True, kw_only=True):
+    """One decided transfer of a window as the sending node books it (drill-down).
+
+    `giver` is the node that coordinated (and stamped) the transfer; `amount_fen` is 0 for an
+    ABORT (a receiver-side tombstone never learnt the amount), as in the statement hashes.
+    """
+
+    transfer_id: Uuid7
+    giver: NodeId
+    amount_fen: Fen
+    outcome: Outcome
+
+
+class StatementDetailReq(Body, frozen=True, kw_only=True):
+    """Either way: the decided transfers of a closed window in these buckets, please."""
+
+    window_id: WindowId
+    buckets: Annotated[tuple[Bucket, ...], msgspec.Meta(min_length=1, max_length=STATEMENT_BUCKETS)]
+
+    def __post_init__(self) -> None:
+        if list(self.buckets) != sorted(set(self.buckets)):
+            raise ValueError("buckets must be ascending and distinct")
+
+
+class StatementDetail(Body, frozen=True, kw_only=True):
+    """Reply to STATEMENT_DETAIL_REQ: the lines of those buckets, sorted by transfer_id.
+
+    `ids_hash` is the sender's *current* hash over the whole window (a statement, once sent,
+    never changes; rows that arrived later show here).
+    """
+
+    window_id: WindowId
+    buckets: tuple[Bucket, ...]
+    lines: tuple[StatementLine, ...]
+    ids_hash: Sha256Hex
+
+
+class UsageLine(Body, frozen=True, kw_only=True):
+    """One grant in a monthly USAGE: what the receiver's province spent of it in the month.
+
+    `used_fen` is settlements minus refunds booked in the month (negative when refunds of
+    earlier spending exceed it); `used_total_fen` is the same through the month's end;
+    `released_fen` what B has released of the grant so far (RELEASE, cumulative).
+    """
+
+    transfer_id: Uuid7
+    granted_fen: PositiveFen
+    used_fen: Annotated[int, msgspec.Meta(ge=-FEN_MAX, le=FEN_MAX)]
+    used_total_fen: Fen
+    released_fen: Fen
+
+    def __post_init__(self) -> None:
+        if self.used_total_fen > self.granted_fen or self.released_fen > self.granted_fen:
+            raise ValueError("used_total_fen and released_fen are at most granted_fen")
+        if self.used_fen > self.used_total_fen:
+            raise ValueError("used_fen exceeds used_total_fen")
+
+
+class Usage(Body, frozen=True, kw_only=True):
+    """B→A after B cleared a month (RULES 16): per-grant usage of A's grants, in parts."""
+
+    month: Month
+    part: Annotated[int, msgspec.Meta(ge=1)]
+    parts: Annotated[int, msgspec.Meta(ge=1)]
+    lines: Annotated[tuple[UsageLine, ...], msgspec.Meta(max_length=USAGE_LINES_MAX)]
+    used_fen: Annotated[int, msgspec.Meta(ge=-FEN_MAX, le=FEN_MAX)]
+    cleared_at_ms: TimeMs
+
+    def __post_init__(self) -> None:
+        if self.part > self.parts:
+            raise ValueError("part exceeds parts")
+        ids = [line.transfer_id for line in self.lines]
+        if ids != sorted(set(ids)):
+            raise ValueError("lines must be sorted by transfer_id, each grant once")
+        if self.used_fen != sum(line.used_fen for line in self.lines):
+            raise ValueError("used_fen must be the sum of the lines")
+
+
+class ReconReply(Body, frozen=True, kw_only=True):
+    """Signed reply to STATEMENT (about a window) and USAGE (about a month).
+
+    STATEMENT: MATCH (equal to ours), MISMATCH (`buckets` differ), PENDING (ours is not
+    built yet). USAGE: BOOKED, with `booked_fen` the payable booked for this part.
+    """
+
+    ref_typ: MessageType
+    ref_hash: Sha256Hex
+    subject: Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
+    outcome: Literal["MATCH", "MISMATCH", "PENDING", "BOOKED"]
+    buckets: Annotated[tuple[Bucket, ...], msgspec.Meta(max_length=STATEMENT_BUCKETS)] = ()
+    booked_fen: Annotated[int, msgspec.Meta(ge=-FEN_MAX, le=FEN_MAX)] = 0
+    replied_at_ms: TimeMs
+
+
 # --- registry and helpers ------------------------------------------------------------------
 
 BODY_TYPES: dict[MessageType, type[Body]] = {
@@ -404,6 +509,10 @@ BODY_TYPES: dict[MessageType, type[Body]] = {
     MessageType.REL_END: RelEnd,
     MessageType.RELEASE: Release,
     MessageType.ERROR: ErrorReply,
+    MessageType.STATEMENT_DETAIL_REQ: StatementDetailReq,
+    MessageType.STATEMENT_DETAIL: StatementDetail,
+    MessageType.USAGE: Usage,
+    MessageType.RECON_REPLY: ReconReply,
 }
 _TYP_OF: dict[type[Body], MessageType] = {cls: typ for typ, cls in BODY_TYPES.items()}
 _DECODERS = {typ: msgspec.msgpack.Decoder(cls) for typ, cls in BODY_TYPES.items()}
@@ -529,3 +638,10 @@ def differing_buckets(ours: Statement, theirs: Statement) -> list[int]:
         for i, (a, b) in enumerate(zip(ours.bucket_hashes, theirs.bucket_hashes, strict=True))
         if a != b
     ]
+
+
+def statement_line_hash(lines: Iterable[StatementLine]) -> str:
+    """`ids_hash` over drill-down lines: the same lines as `build_statement` hashes."""
+    return _entries_hash(
+        StatementEntry(line.transfer_id, line.amount_fen, "CNY", line.outcome) for line in lines
+    )

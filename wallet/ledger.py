@@ -19,7 +19,9 @@ from wallet.errors import ErrorCode, WalletError
 # many amounts cannot overflow either.
 MAX_AMOUNT_FEN = 10**12
 
-AccountKind = Literal["personal", "funding", "institution", "quota", "due_to", "due_from"]
+AccountKind = Literal[
+    "personal", "funding", "institution", "quota", "due_to", "due_from", "payable", "receivable"
+]
 Phase = Literal["single", "pending", "post", "void"]
 
 
