@@ -87,7 +87,12 @@ GROUP BY q.account_id, q.from_node, q.transfer_id, q.granted_fen, q.released_fen
 HAVING coalesce(sum(m.fen) FILTER (WHERE m.at >= $1 AND m.at < $2), 0) <> 0
 ORDER BY q.from_node, q.transfer_id
 """
-_GIVER_PEERS = "SELECT DISTINCT from_node FROM grant_in WHERE state = 'COMMITTED' ORDER BY 1"
+# Every peer with a committed grant either way gets a USAGE (maybe empty): then each side
+# of a pair knows when it has heard everything.
+_PEERS = """
+SELECT from_node AS peer FROM grant_in WHERE state = 'COMMITTED'
+UNION SELECT to_node FROM grant_out WHERE state = 'COMMITTED'
+"""
 _INSERT_RUN = """
 INSERT INTO clearing_run (month, windows, grants, cleared_at, actor) VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (month) DO NOTHING
@@ -215,7 +220,13 @@ async def run_clearing(
                 windows=[f"{r['peer']}/{r['window_id']}" for r in open_windows[:100]],
             )
         rows = await conn.fetch(_USAGE, start, end)
-        lines: dict[str, list[UsageLine]] = {p: [] for p in await _giver_peers(conn)}
+        windows = int((await conn.execute(_INCLUDE_WINDOWS, month)).split()[-1])
+        inserted = await conn.fetchval(_INSERT_RUN, month, windows, len(rows), now, actor)
+        if inserted is None:  # a concurrent run won: this one rolls back
+            raise WalletError(
+                ErrorCode.ALREADY_EXISTS, f"month {month} is already cleared", reason="cleared"
+            )
+        lines: dict[str, list[UsageLine]] = {p: [] for p in await _peers(conn)}
         receivable: dict[str, int] = {p: 0 for p in lines}
         for i, row in enumerate(rows):
             peer = row["peer"]
@@ -243,12 +254,6 @@ async def run_clearing(
             )
             if progress is not None:
                 progress(i + 1, len(rows))
-        windows = int((await conn.execute(_INCLUDE_WINDOWS, month)).split()[-1])
-        inserted = await conn.fetchval(_INSERT_RUN, month, windows, len(rows), now, actor)
-        if inserted is None:  # a concurrent run won: this one rolls back
-            raise WalletError(
-                ErrorCode.ALREADY_EXISTS, f"month {month} is already cleared", reason="cleared"
-            )
         parts = {
             peer: await _send_usage(conn, peer, month, peer_lines, now)
             for peer, peer_lines in sorted(lines.items())
@@ -257,8 +262,8 @@ async def run_clearing(
     return ClearingRun(month, windows, len(rows), receivable, parts)
 
 
-async def _giver_peers(conn: asyncpg.Connection) -> list[str]:
-    return [r["from_node"] for r in await conn.fetch(_GIVER_PEERS)]
+async def _peers(conn: asyncpg.Connection) -> list[str]:
+    return sorted(r["peer"] for r in await conn.fetch(_PEERS))
 
 
 async def _book(

@@ -66,10 +66,10 @@ transport.DONE_ON_REPLY.update({MessageType.STATEMENT, MessageType.USAGE})
 
 _DISCOVER = """
 INSERT INTO recon_window (peer, window_id, opened_at)
-SELECT to_node, decision_window_id, $1 FROM grant_out
+SELECT to_node, decision_window_id, $1::timestamptz FROM grant_out
 WHERE decision_window_id IS NOT NULL AND decided_at >= $2
 UNION
-SELECT from_node, decision_window_id, $1 FROM grant_in
+SELECT from_node, decision_window_id, $1::timestamptz FROM grant_in
 WHERE decision_window_id IS NOT NULL AND decided_at >= $2
 ON CONFLICT (peer, window_id) DO NOTHING
 """
