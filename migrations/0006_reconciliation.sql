@@ -36,6 +36,9 @@ CREATE INDEX grant_out_window ON grant_out (to_node, decision_window_id)
     WHERE decision_window_id IS NOT NULL;
 CREATE INDEX grant_in_window ON grant_in (from_node, decision_window_id)
     WHERE decision_window_id IS NOT NULL;
+-- The statements worker finds new windows among recent decisions.
+CREATE INDEX grant_out_decided ON grant_out (decided_at) WHERE decision_window_id IS NOT NULL;
+CREATE INDEX grant_in_decided ON grant_in (decided_at) WHERE decision_window_id IS NOT NULL;
 
 -- --- windows and statements ----------------------------------------------------------------------
 --

@@ -35,6 +35,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
+from nodes import console_clearing
 from nodes.app import create_app, open_context
 from nodes.logging import configure_logging
 from nodes.settings import Settings, SettingsError, load_settings
@@ -464,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("file", help="the receipt JSON (GET /app/v1/grants/{id}/receipt)")
     verify.add_argument("--peers", help="peers.json with the pinned root keys to trust")
     verify.set_defaults(run=cmd_receipt_verify)
+    console_clearing.register(sub, _with_ctx)  # statements, reconcile, clearing
     return parser
 
 

@@ -204,7 +204,7 @@ async def run_clearing(
             reason="month_open",
         )
     async with ctx.pool.acquire() as conn:
-        await statements.discover_windows(conn, now)
+        await statements.discover_windows(conn, now, since=start - dt.timedelta(days=1))
     async with ctx.pool.acquire() as conn, conn.transaction():
         if await conn.fetchval(_RUN_EXISTS, month) is not None:
             raise WalletError(

@@ -27,6 +27,7 @@ import msgspec
 import structlog
 
 from protocol.clock import DEFAULT_TZ
+from protocol.clock import window_id as window_of
 from protocol.errors import ModifiedRequest, ValidationFailed
 from protocol.messages import (
     Body,
@@ -52,11 +53,14 @@ from wallet.context import WalletContext
 from wallet.plt import outbox, transport
 from wallet.plt.dispatch import Incoming, handles
 from wallet.plt.grants_base import to_ms
+from wallet.plt.transport import EPOCH
 
 log = structlog.get_logger("wallet.plt.statements")
 
 CLOSE_DELAY = dt.timedelta(hours=1)  # a statement an hour after the window ends [cfg]
-DISCOVER_LOOKBACK = dt.timedelta(days=40)  # decisions older than this already have a window
+# The worker looks for new windows among decisions of the last few days; `clearing run`
+# looks over the whole month (a worker that was down longer is caught up there).
+DISCOVER_LOOKBACK = dt.timedelta(days=3)
 CLOSE_BATCH = 256  # windows closed per worker pass
 STATEMENTS_INTERVAL_S = 60.0
 IN_DOUBT_STATES = ("PENDING_ACCEPT", "ACCEPTED", "DECLINED_PENDING")
@@ -74,7 +78,8 @@ WHERE decision_window_id IS NOT NULL AND decided_at >= $2
 ON CONFLICT (peer, window_id) DO NOTHING
 """
 _OPEN_WINDOWS = """
-SELECT peer, window_id FROM recon_window WHERE state = 'OPEN' ORDER BY window_id, peer LIMIT $1
+SELECT peer, window_id FROM recon_window WHERE state = 'OPEN' AND window_id < $2
+ORDER BY window_id, peer LIMIT $1
 """
 _WINDOW = """
 SELECT peer, window_id, state, our_statement, our_hash, peer_statement, peer_hash,
@@ -193,9 +198,12 @@ async def current_lines(
     return [_line(r) for r in await conn.fetch(_ENTRIES, peer, window_id, node_id)]
 
 
-async def discover_windows(conn: asyncpg.Connection, now: dt.datetime) -> None:
-    """Open a window row for every (peer, window) with a recent decision."""
-    await conn.execute(_DISCOVER, now, now - DISCOVER_LOOKBACK)
+async def discover_windows(
+    conn: asyncpg.Connection, now: dt.datetime, since: dt.datetime | None = None
+) -> None:
+    """Open a window row for every (peer, window) with a decision since `since` (default:
+    the last `DISCOVER_LOOKBACK`)."""
+    await conn.execute(_DISCOVER, now, since if since is not None else now - DISCOVER_LOOKBACK)
 
 
 async def _ready(conn: asyncpg.Connection, peer: str, window_id: str, now: dt.datetime) -> bool:
@@ -247,12 +255,15 @@ async def close_window(ctx: WalletContext, peer: str, window_id: str) -> bool:
     return True
 
 
-async def run_once(ctx: WalletContext) -> int:
-    """The statements worker: open windows for new decisions, close the ready ones."""
+async def run_once(ctx: WalletContext, *, full: bool = False) -> int:
+    """The statements worker: open windows for new decisions (of the last few days, or of
+    all time when `full`), close the ready ones; returns how many were closed."""
     now = ctx.clock.now()
     async with ctx.pool.acquire() as conn:
-        await discover_windows(conn, now)
-        candidates = await conn.fetch(_OPEN_WINDOWS, CLOSE_BATCH)
+        await discover_windows(conn, now, EPOCH if full else None)
+        # Windows whose hour ended at least CLOSE_DELAY ago (ids sort like their hours).
+        cutoff = window_of(to_ms(now - CLOSE_DELAY))
+        candidates = await conn.fetch(_OPEN_WINDOWS, CLOSE_BATCH, cutoff)
     closed = 0
     for row in candidates:
         closed += await close_window(ctx, row["peer"], row["window_id"])
