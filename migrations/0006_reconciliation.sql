@@ -58,6 +58,8 @@ CREATE TABLE recon_window (
     peer_envelope     bytea,
     -- The last comparison: buckets whose hashes differ (empty when equal).
     differing_buckets integer[] NOT NULL DEFAULT '{}',
+    -- The last drill-down with the peer (the worker repeats it at most every few minutes).
+    drilled_at        timestamptz,
     resolution        text CHECK (resolution IN ('statements_equal', 'rows_agree')),
     clearing_month    text CHECK (clearing_month ~ '^\d{4}-\d{2}$'),
     opened_at         timestamptz NOT NULL,

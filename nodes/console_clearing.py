@@ -194,7 +194,7 @@ async def _clearing_report(ctx: WalletContext, args: argparse.Namespace) -> int:
 
 
 async def _clearing_settle(ctx: WalletContext, args: argparse.Namespace) -> int:
-    settled = await clearing.settle_month(ctx, args.month)
+    settled = await clearing.settle_month(ctx, args.month, actor=args.actor)
     console.print(f"{settled} window(s) of {args.month} SETTLED")
     return 0
 
@@ -231,4 +231,5 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], with_ctx:
     report.set_defaults(run=with_ctx(_clearing_report))
     settle = clr.add_parser("settle", help="the net payments are made: windows SETTLED")
     settle.add_argument("--month", required=True, help="YYYY-MM")
+    settle.add_argument("--actor", default="operator-cli")
     settle.set_defaults(run=with_ctx(_clearing_settle))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import AsyncIterator
 
+import msgspec
 import pytest
 
 from nodes.network import DEFAULT_PROVINCES, LocalNetwork
@@ -28,7 +29,8 @@ from tests.network.recon_flow import (
     tamper,
     window_states,
 )
-from tests.support import OPERATOR_TOKEN
+from tests.network.support import client
+from tests.support import OPERATOR, OPERATOR_TOKEN
 from wallet import ledger
 from wallet.clock import ManualClock
 from wallet.errors import WalletError
@@ -124,6 +126,16 @@ async def test_a_month_reconciles_a_corrupted_row_is_found_and_the_clearing_agre
     assert unreconciled.value.extensions["windows"] == [f"{SICHUAN}/{CORRUPTED}"]
     assert f"{SICHUAN} {CORRUPTED} (CLOSED)" in unreconciled.value.detail
     assert await hebei.ctx.pool.fetchval("SELECT count(*) FROM clearing_run") == 0
+    async with client(hebei) as http:
+        refused = await http.post("/operator/v1/clearing/2026-03", headers=OPERATOR)
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["code"] == "state_conflict"
+    assert refused.json()["reason"] == "windows_not_reconciled"
+    # The statements worker drilled down on its own and kept what differs.
+    found = "SELECT transfer_id, giver, ours, theirs FROM recon_difference"
+    assert [tuple(r) for r in await sichuan.ctx.pool.fetch(found)] == [
+        (corrupted, HEBEI, "COMMIT 69000", "COMMIT 70000")
+    ]
 
     # The operator repairs Sichuan's row; the drill-down now finds the rows agree.
     await tamper(sichuan, _SET_AMOUNT, corrupted, 70_000)
@@ -147,6 +159,11 @@ async def test_a_month_reconciles_a_corrupted_row_is_found_and_the_clearing_agre
     assert reports[HEBEI].pairs == (hebei_shanghai, hebei_sichuan)
     assert reports[SHANGHAI].pairs == (hebei_shanghai,)
     assert reports[SICHUAN].pairs == (hebei_sichuan,)
+    for node in (hebei, shanghai):  # the operator endpoint serves the same report
+        async with client(node) as http:
+            served = await http.get("/operator/v1/clearing/2026-03", headers=OPERATOR)
+        assert served.status_code == 200, served.text
+        assert served.json()["pairs"][0] == msgspec.to_builtins(hebei_shanghai)
 
     # The books: payables at the giver's node equal receivables at the receiver's.
     assert await hebei.ctx.pool.fetchval(_ACCOUNT, f"payable:{SHANGHAI}") == 155_000

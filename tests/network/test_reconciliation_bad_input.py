@@ -21,8 +21,9 @@ from protocol.messages import (
     build_statement,
     decode_body,
 )
-from tests.network.support import now_ms, post_batch, rows, seal_from
+from tests.network.support import client, now_ms, post_batch, rows, seal_from
 from tests.network.test_transport import error_of, replies
+from tests.support import OPERATOR
 from wallet.clock import ManualClock
 from wallet.plt import statements
 
@@ -88,6 +89,20 @@ async def test_bad_statements_are_refused_and_an_empty_window_reconciles(
     assert [(r["window_id"], r["state"]) for r in await rows(b, WINDOWS)] == [
         ("2026-03-16T08", "RECONCILED")
     ]
+    async with client(b) as http:
+        listed = await http.get(
+            "/operator/v1/reconciliation/windows",
+            params={"peer": "prov-13", "prefix": "2026-03-16"},
+            headers=OPERATOR,
+        )
+        assert listed.status_code == 200, listed.text
+        assert [
+            (w["window_id"], w["state"], w["our_count"], w["peer_count"]) for w in listed.json()
+        ] == [("2026-03-16T08", "RECONCILED", 0, 0)]
+        bad = await http.get(
+            "/operator/v1/reconciliation/windows", params={"peer": "PROV 13"}, headers=OPERATOR
+        )
+        assert bad.status_code == 400, bad.text
 
 
 def usage(month: str, lines: tuple[UsageLine, ...], at_ms: int) -> Usage:

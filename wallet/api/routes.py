@@ -10,6 +10,7 @@ from wallet.api.app_payments import AppPaymentCodesController
 from wallet.api.app_relationships import AppRelationshipsController
 from wallet.api.app_wallet import AppWalletController
 from wallet.api.institution import InstitutionSettlementsController
+from wallet.api.operator_clearing import OperatorClearingController
 from wallet.api.operator_institutions import (
     OperatorInstitutionsController,
     OperatorRelationshipsController,
@@ -30,4 +31,5 @@ ROUTE_HANDLERS: list[Any] = [
     AppGrantsController,
     AppCrossRelationshipsController,
     PltController,
+    OperatorClearingController,
 ]

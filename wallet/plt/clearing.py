@@ -41,7 +41,7 @@ from protocol.messages import (
     encode_body,
     hash_body,
 )
-from wallet import ledger
+from wallet import audit, ledger
 from wallet.context import WalletContext
 from wallet.errors import ErrorCode, WalletError
 from wallet.plt import outbox, statements
@@ -258,6 +258,17 @@ async def run_clearing(
             peer: await _send_usage(conn, peer, month, peer_lines, now)
             for peer, peer_lines in sorted(lines.items())
         }
+        await audit.record(
+            conn,
+            at=now,
+            actor=actor,
+            action="clearing.run",
+            subject=month,
+            request_id=None,
+            windows=windows,
+            grants=len(rows),
+            receivable_fen=receivable,
+        )
     log.info("month_cleared", month=month, grants=len(rows), windows=windows)
     return ClearingRun(month, windows, len(rows), receivable, parts)
 
@@ -522,7 +533,7 @@ async def clearing_report(ctx: WalletContext, month: str) -> ClearingReport:
     return ClearingReport(month=month, node=me, cleared=cleared, pairs=tuple(pairs))
 
 
-async def settle_month(ctx: WalletContext, month: str) -> int:
+async def settle_month(ctx: WalletContext, month: str, *, actor: str = "operator-cli") -> int:
     """Mark the month's windows SETTLED once every pair is complete (the operator confirms
     the net payments were made); returns the windows marked."""
     report = await clearing_report(ctx, month)
@@ -533,5 +544,17 @@ async def settle_month(ctx: WalletContext, month: str) -> int:
             f"month {month} cannot be settled yet: {pending or 'not cleared'}",
             reason="clearing_incomplete",
         )
-    async with ctx.pool.acquire() as conn:
-        return int((await conn.execute(_SETTLE, month)).split()[-1])
+    now = ctx.clock.now()
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        settled = int((await conn.execute(_SETTLE, month)).split()[-1])
+        await audit.record(
+            conn,
+            at=now,
+            actor=actor,
+            action="clearing.settle",
+            subject=month,
+            request_id=None,
+            windows=settled,
+            net_fen={f"{p.node_a}/{p.node_b}": p.net_fen for p in report.pairs},
+        )
+    return settled

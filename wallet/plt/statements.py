@@ -62,6 +62,8 @@ CLOSE_DELAY = dt.timedelta(hours=1)  # a statement an hour after the window ends
 # looks over the whole month (a worker that was down longer is caught up there).
 DISCOVER_LOOKBACK = dt.timedelta(days=3)
 CLOSE_BATCH = 256  # windows closed per worker pass
+DRILL_BATCH = 16  # mismatched windows drilled down per worker pass
+DRILL_INTERVAL = dt.timedelta(minutes=10)  # between two drill-downs of one window
 STATEMENTS_INTERVAL_S = 60.0
 IN_DOUBT_STATES = ("PENDING_ACCEPT", "ACCEPTED", "DECLINED_PENDING")
 
@@ -127,6 +129,12 @@ WHERE peer = $1 AND window_id = $2 AND state = 'CLOSED'
 _MISMATCH = """
 UPDATE recon_window SET differing_buckets = $3 WHERE peer = $1 AND window_id = $2
 """
+_TO_DRILL = """
+SELECT peer, window_id FROM recon_window
+WHERE state = 'CLOSED' AND peer_statement IS NOT NULL AND (drilled_at IS NULL OR drilled_at < $2)
+ORDER BY window_id, peer LIMIT $1
+"""
+_DRILLED = "UPDATE recon_window SET drilled_at = $3 WHERE peer = $1 AND window_id = $2"
 _CLEAR_DIFFERENCES = "DELETE FROM recon_difference WHERE peer = $1 AND window_id = $2"
 _INSERT_DIFFERENCE = """
 INSERT INTO recon_difference (peer, window_id, transfer_id, giver, ours, theirs, found_at)
@@ -267,7 +275,29 @@ async def run_once(ctx: WalletContext, *, full: bool = False) -> int:
     closed = 0
     for row in candidates:
         closed += await close_window(ctx, row["peer"], row["window_id"])
+    await drill_down_once(ctx)
     return closed
+
+
+async def drill_down_once(ctx: WalletContext) -> int:
+    """Drill down the windows whose statements differ (each at most every DRILL_INTERVAL):
+    a stale statement heals itself (RECONCILED, rows agree); a real difference is stored and
+    alerted. A peer that cannot be reached is tried again next time."""
+    now = ctx.clock.now()
+    async with ctx.pool.acquire() as conn:
+        due = await conn.fetch(_TO_DRILL, DRILL_BATCH, now - DRILL_INTERVAL)
+    done = 0
+    for row in due:
+        try:
+            report = await reconcile_window(ctx, row["peer"], row["window_id"])
+            done += report.problem is None
+        except Exception as exc:  # the peer is down or refuses: keep the others going
+            log.warning(
+                "drill_down_failed", peer=row["peer"], window_id=row["window_id"], error=repr(exc)
+            )
+        async with ctx.pool.acquire() as conn:
+            await conn.execute(_DRILLED, row["peer"], row["window_id"], now)
+    return done
 
 
 # --- messages --------------------------------------------------------------------------------
@@ -430,6 +460,7 @@ async def reconcile_window(ctx: WalletContext, peer: str, window_id: str) -> Win
         mine = await current_lines(conn, ctx.node_id, peer, window_id)
         ours = [line for line in mine if statement_bucket(line.transfer_id) in wanted]
         differences = compare_lines(ours, detail.lines)
+        await conn.execute(_DRILLED, peer, window_id, now)
         await conn.execute(_CLEAR_DIFFERENCES, peer, window_id)
         await conn.executemany(
             _INSERT_DIFFERENCE,
@@ -439,12 +470,17 @@ async def reconcile_window(ctx: WalletContext, peer: str, window_id: str) -> Win
         if not differences and detail.ids_hash == statement_line_hash(mine):
             await conn.execute(_RECONCILED, peer, window_id, "rows_agree", now)
             state = "RECONCILED"
-    log.info(
-        "window_reconciled" if state == "RECONCILED" else "window_differs",
-        peer=peer,
-        window_id=window_id,
-        differences=len(differences),
-    )
+    if differences:
+        log.error(
+            "plt_alert",
+            kind="reconciliation_differs",
+            peer=peer,
+            window_id=window_id,
+            transfers=[d.transfer_id for d in differences[:20]],
+            differences=len(differences),
+        )
+    else:
+        log.info("window_drilled", peer=peer, window_id=window_id, state=state)
     return WindowReport(peer, window_id, state, buckets, tuple(differences))
 
 
