@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from nodes import cli
 from nodes.network import LocalNetwork, LocalNode
@@ -34,6 +35,15 @@ async def pair(network: LocalNetwork) -> AsyncIterator[Pair]:
     linked = await linked_pair(network)
     yield linked
     await check_books(network)
+
+
+@pytest.fixture
+def keep_logging() -> Iterator[None]:
+    """`cli.main` configures structlog onto the sys.stderr of the moment (capsys's, closed
+    after the test): put the previous configuration back, after capsys is gone."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 def config_for(node: LocalNode, peer: LocalNode, tmp: Path) -> str:
@@ -62,6 +72,7 @@ async def console(config: str, *args: str) -> int:
 
 
 async def test_statements_reconcile_and_clearing_through_the_console(
+    keep_logging: None,
     pair: Pair,
     net_clock: ManualClock,
     tmp_path: Path,
