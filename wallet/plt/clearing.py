@@ -32,6 +32,7 @@ from protocol.errors import ModifiedRequest, ValidationFailed
 from protocol.messages import (
     USAGE_LINES_MAX,
     Body,
+    ErrorReply,
     MessageType,
     ReconReply,
     Usage,
@@ -44,7 +45,7 @@ from protocol.messages import (
 from wallet import audit, ledger
 from wallet.context import WalletContext
 from wallet.errors import ErrorCode, WalletError
-from wallet.plt import outbox, statements
+from wallet.plt import outbox, statements, transport
 from wallet.plt.dispatch import Incoming, handles
 from wallet.plt.grants_base import to_ms
 from wallet.plt.quota import (
@@ -134,6 +135,9 @@ _USAGE_REPLIED = """
 UPDATE clearing_usage SET reply = $3, booked_fen = $4, replied_at = $5
 WHERE direction = 'out' AND peer = $1 AND body_hash = $2 AND reply IS NULL
 RETURNING month, part, used_fen
+"""
+_USAGE_OUT_OF_HASH = """
+SELECT month, part FROM clearing_usage WHERE direction = 'out' AND peer = $1 AND body_hash = $2
 """
 _PAIR_TOTALS = """
 SELECT peer, sum(owes)::bigint AS we_owe_fen, sum(owed)::bigint AS owed_to_us_fen FROM (
@@ -458,6 +462,35 @@ async def on_recon_reply(ctx: WalletContext, msg: Incoming) -> Body | None:
             booked_fen=reply.booked_fen,
         )
     return None
+
+
+async def _usage_refused(ctx: WalletContext, msg: Incoming, error: ErrorReply) -> None:
+    """The giver's node refused our USAGE: a dispute for the operators (`plt_alert`). 3106
+    (another body under the same month and part) is final; anything else is retried, so a
+    repaired row at the peer lets it through."""
+    log.error(
+        "plt_alert",
+        kind="usage_refused",
+        peer=msg.from_node,
+        code=int(error.error.code),
+        text=error.error.text,
+        differs=list(error.differs),
+    )
+    if not error.differs:
+        return
+    async with ctx.pool.acquire() as conn:
+        row = await conn.fetchrow(_USAGE_OUT_OF_HASH, msg.from_node, error.ref_hash)
+        if row is not None:
+            await outbox.stop(
+                conn,
+                to_node=msg.from_node,
+                typ=MessageType.USAGE,
+                key=f"{row['month']}/{row['part']}",
+                now=ctx.clock.now(),
+            )
+
+
+transport.on_error_reply(MessageType.USAGE)(_usage_refused)
 
 
 # --- the report --------------------------------------------------------------------------------

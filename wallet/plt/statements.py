@@ -23,12 +23,13 @@ from collections.abc import Callable, Sequence
 from zoneinfo import ZoneInfo
 
 import asyncpg
+import httpx
 import msgspec
 import structlog
 
 from protocol.clock import DEFAULT_TZ
 from protocol.clock import window_id as window_of
-from protocol.errors import ModifiedRequest, ValidationFailed
+from protocol.errors import ModifiedRequest, ProtocolError, ValidationFailed
 from protocol.messages import (
     Body,
     ErrorReply,
@@ -446,9 +447,13 @@ async def reconcile_window(ctx: WalletContext, peer: str, window_id: str) -> Win
     if row["state"] != "CLOSED":
         return WindowReport(peer, window_id, row["state"], (), ())
     buckets = tuple(row["differing_buckets"]) or tuple(range(256))
-    reply = await transport.call(
-        ctx, peer, StatementDetailReq(window_id=window_id, buckets=buckets)
-    )
+    try:
+        reply = await transport.call(
+            ctx, peer, StatementDetailReq(window_id=window_id, buckets=buckets)
+        )
+    except (httpx.HTTPError, ProtocolError, RuntimeError) as exc:
+        problem = f"{peer} could not be asked: {exc!r}"[:300]
+        return WindowReport(peer, window_id, "CLOSED", buckets, (), problem)
     if isinstance(reply.body, ErrorReply):
         problem = f"{peer} refused: {int(reply.body.error.code)} {reply.body.error.text}"
         return WindowReport(peer, window_id, "CLOSED", buckets, (), problem)
