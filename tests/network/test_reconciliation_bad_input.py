@@ -151,3 +151,28 @@ async def test_bad_usage_is_refused_and_books_nothing(
     later = usage("2026-03", (), now_ms(a) + 1)
     error = error_of(await send(b, seal_from(a, "prov-31", later)))
     assert (error.error.code, error.differs) == (3106, ("cleared_at_ms",))
+
+
+async def test_a_stale_statement_heals_by_drill_down_and_an_unreachable_peer_is_reported(
+    network: LocalNetwork, net_clock: ManualClock
+) -> None:
+    a, b = network["prov-13"], network["prov-31"]
+    # A's statement names a transfer that neither side holds now (as if a row had come and
+    # gone); B states the window empty: the statements differ.
+    entry = StatementEntry(uuid7(now_ms(a)), 5_000, "CNY", Outcome.COMMIT)
+    stated = build_statement("2026-03-16T08", [entry])
+    assert recon_reply(await send(b, seal_from(a, "prov-31", stated))).outcome == "PENDING"
+    await statements.run_once(b.ctx)  # closes, compares, and drills down at once
+    [row] = await rows(b, "SELECT state, differing_buckets FROM recon_window")
+    assert row["state"] == "RECONCILED"  # A's current rows agree with B's: nothing differs
+
+    other = build_statement("2026-03-16T07", [entry])
+    assert recon_reply(await send(b, seal_from(a, "prov-31", other))).outcome == "PENDING"
+    await network.stop_node("prov-13")
+    await statements.run_once(b.ctx)
+    [report] = await statements.reconcile(b.ctx, "prov-13", "2026-03-16T07")
+    assert report.state == "CLOSED"
+    assert report.problem is not None and report.problem.startswith("prov-13 could not be asked")
+    await network.start_node("prov-13")
+    [report] = await statements.reconcile(b.ctx, "prov-13", "2026-03-16T07")
+    assert (report.state, report.differences, report.problem) == ("RECONCILED", (), None)
