@@ -127,6 +127,8 @@ CREATE TABLE recon_difference (
     giver        text NOT NULL,
     ours         text NOT NULL CHECK (length(ours) BETWEEN 1 AND 64),
     theirs       text NOT NULL CHECK (length(theirs) BETWEEN 1 AND 64),
+    -- Our row checked against the PREPARE and DECISION we hold (and logged as signed).
+    evidence     text NOT NULL CHECK (length(evidence) BETWEEN 1 AND 500),
     found_at     timestamptz NOT NULL,
     PRIMARY KEY (peer, window_id, transfer_id),
     FOREIGN KEY (peer, window_id) REFERENCES recon_window (peer, window_id),

@@ -109,19 +109,21 @@ async def _reconcile(ctx: WalletContext, args: argparse.Namespace) -> int:
         console.print(f"nothing to reconcile with {args.peer}: every closed window agrees")
         return 0
     table = Table(title=f"reconciliation {ctx.node_id} <-> {args.peer}")
-    for column in ("window", "state", "transfer", "giver", ctx.node_id, args.peer):
+    for column in ("window", "state", "transfer", "giver", ctx.node_id, args.peer, "our evidence"):
         table.add_column(column)
     clean = True
     for r in reports:
         if r.problem is not None:
             clean = False
-            table.add_row(r.window_id, r.state, f"[yellow]{r.problem}[/yellow]", "", "", "")
+            table.add_row(r.window_id, r.state, f"[yellow]{r.problem}[/yellow]", "", "", "", "")
         elif not r.differences:
-            table.add_row(r.window_id, r.state, "agrees", "", "", "")
+            table.add_row(r.window_id, r.state, "agrees", "", "", "", "")
             clean = clean and r.state != "CLOSED"
         for d in r.differences:
             clean = False
-            table.add_row(r.window_id, r.state, d.transfer_id, d.giver, d.ours, d.theirs)
+            table.add_row(
+                r.window_id, r.state, d.transfer_id, d.giver, d.ours, d.theirs, d.evidence
+            )
     console.print(table)
     return 0 if clean else 1
 

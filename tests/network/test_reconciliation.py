@@ -105,9 +105,21 @@ async def test_a_month_reconciles_a_corrupted_row_is_found_and_the_clearing_agre
         "CLOSED",
         (statement_bucket(corrupted),),
     )
-    assert report.differences == (Difference(corrupted, HEBEI, "COMMIT 70000", "COMMIT 69000"),)
+    agrees = "our row agrees with the PREPARE and DECISION we hold"
+    assert report.differences == (
+        Difference(corrupted, HEBEI, "COMMIT 70000", "COMMIT 69000", agrees),
+    )
+    # Sichuan's own evidence shows its row is the one that is wrong.
     [mirror] = await statements.reconcile(sichuan.ctx, HEBEI, CORRUPTED)
-    assert mirror.differences == (Difference(corrupted, HEBEI, "COMMIT 69000", "COMMIT 70000"),)
+    assert mirror.differences == (
+        Difference(
+            corrupted,
+            HEBEI,
+            "COMMIT 69000",
+            "COMMIT 70000",
+            "our row says 69000, the PREPARE 70000",
+        ),
+    )
     views = await statements.list_windows(hebei.ctx, SICHUAN, CORRUPTED)
     assert [(v.our_count, v.our_sum_fen, v.peer_count, v.peer_sum_fen) for v in views] == [
         (1, 70_000, 1, 69_000)

@@ -102,6 +102,18 @@ async def test_statements_reconcile_and_clearing_through_the_console(
     assert await console(a_cfg, "reconcile", "--peer", "prov-31") == 1
     out = capsys.readouterr().out
     assert tid in out and "COMMIT 100000" in out and "COMMIT 90000" in out
+    found = "SELECT ours, theirs, evidence FROM recon_difference WHERE transfer_id = $1"
+    assert tuple(await pair.a.ctx.pool.fetchrow(found, tid)) == (
+        "COMMIT 100000",
+        "COMMIT 90000",
+        "our row agrees with the PREPARE and DECISION we hold",
+    )
+    # B's statements worker drilled down too: its own evidence points at its row.
+    assert tuple(await pair.b.ctx.pool.fetchrow(found, tid)) == (
+        "COMMIT 90000",
+        "COMMIT 100000",
+        "our row says 90000, the PREPARE 100000",
+    )
 
     # Clearing refused while a window is not reconciled; nothing booked.
     net_clock.set(dt.datetime(2026, 4, 2, 12, 0, tzinfo=CST))

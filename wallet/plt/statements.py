@@ -32,15 +32,18 @@ from protocol.clock import window_id as window_of
 from protocol.errors import ModifiedRequest, ProtocolError, ValidationFailed
 from protocol.messages import (
     Body,
+    Decision,
     ErrorReply,
     MessageType,
     Outcome,
+    Prepare,
     ReconReply,
     Statement,
     StatementDetail,
     StatementDetailReq,
     StatementEntry,
     StatementLine,
+    body_hash,
     build_statement,
     decode_body,
     differing_buckets,
@@ -138,12 +141,23 @@ ORDER BY window_id, peer LIMIT $1
 _DRILLED = "UPDATE recon_window SET drilled_at = $3 WHERE peer = $1 AND window_id = $2"
 _CLEAR_DIFFERENCES = "DELETE FROM recon_difference WHERE peer = $1 AND window_id = $2"
 _INSERT_DIFFERENCE = """
-INSERT INTO recon_difference (peer, window_id, transfer_id, giver, ours, theirs, found_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
+INSERT INTO recon_difference
+    (peer, window_id, transfer_id, giver, ours, theirs, evidence, found_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 """
 _DIFFERENCES = """
-SELECT transfer_id, giver, ours, theirs FROM recon_difference
+SELECT transfer_id, giver, ours, theirs, evidence FROM recon_difference
 WHERE peer = $1 AND window_id = $2 ORDER BY transfer_id
+"""
+_EVIDENCE_OUT = """
+SELECT amount_fen, state, prepare, prepare_hash, decision FROM grant_out WHERE transfer_id = $1
+"""
+_EVIDENCE_IN = """
+SELECT amount_fen, state, prepare, prepare_hash, decision FROM grant_in
+WHERE from_node = $1 AND transfer_id = $2
+"""
+_LOGGED = """
+SELECT 1 FROM plt_message WHERE dedup_key = $1 AND typ = $2 AND body_hash = $3 LIMIT 1
 """
 _WINDOW_OF_HASH = "SELECT window_id FROM recon_window WHERE peer = $1 AND our_hash = $2"
 _MISMATCHED = """
@@ -385,12 +399,14 @@ async def _statement_refused(ctx: WalletContext, msg: Incoming, error: ErrorRepl
 
 
 class Difference(msgspec.Struct, frozen=True):
-    """One transfer the two sides book differently in a window."""
+    """One transfer the two sides book differently in a window, and what our own evidence
+    says about our row."""
 
     transfer_id: str
     giver: str
     ours: str
     theirs: str
+    evidence: str = ""
 
 
 class WindowReport(msgspec.Struct, frozen=True):
@@ -421,6 +437,36 @@ def compare_lines(
             giver = (a or b).giver  # type: ignore[union-attr]
             out.append(Difference(tid, giver, _describe(a), _describe(b)))
     return out
+
+
+async def our_evidence(conn: asyncpg.Connection, node_id: str, peer: str, diff: Difference) -> str:
+    """Check our row of a differing transfer against the PREPARE and DECISION we hold: does
+    the row say what the signed messages say? (The repair path, b.9.5, starts here.)"""
+    if diff.giver == node_id:
+        row = await conn.fetchrow(_EVIDENCE_OUT, diff.transfer_id)
+    else:
+        row = await conn.fetchrow(_EVIDENCE_IN, peer, diff.transfer_id)
+    if row is None:
+        return "no row here"
+    if row["prepare"] is None:
+        return "an ABORT tombstone here: no PREPARE ever arrived"
+    raw = bytes(row["prepare"])
+    found = []
+    if body_hash(raw) != row["prepare_hash"]:
+        found.append("the stored PREPARE does not match its hash")
+    elif await conn.fetchval(_LOGGED, diff.transfer_id, "PREPARE", row["prepare_hash"]) is None:
+        found.append("the PREPARE is not in the message log")
+    prepare = decode_body(MessageType.PREPARE, raw)
+    assert isinstance(prepare, Prepare)
+    if prepare.amount_fen != row["amount_fen"]:
+        found.append(f"our row says {row['amount_fen']}, the PREPARE {prepare.amount_fen}")
+    if row["decision"] is not None:
+        decision = decode_body(MessageType.DECISION, bytes(row["decision"]))
+        assert isinstance(decision, Decision)
+        committed = row["state"] == "COMMITTED"
+        if committed != (decision.outcome is Outcome.COMMIT):
+            found.append(f"our row says {row['state']}, the DECISION {decision.outcome}")
+    return "; ".join(found) or "our row agrees with the PREPARE and DECISION we hold"
 
 
 async def reconcile_window(ctx: WalletContext, peer: str, window_id: str) -> WindowReport:
@@ -464,12 +510,18 @@ async def reconcile_window(ctx: WalletContext, peer: str, window_id: str) -> Win
     async with ctx.pool.acquire() as conn, conn.transaction():
         mine = await current_lines(conn, ctx.node_id, peer, window_id)
         ours = [line for line in mine if statement_bucket(line.transfer_id) in wanted]
-        differences = compare_lines(ours, detail.lines)
+        differences = [
+            msgspec.structs.replace(d, evidence=await our_evidence(conn, ctx.node_id, peer, d))
+            for d in compare_lines(ours, detail.lines)
+        ]
         await conn.execute(_DRILLED, peer, window_id, now)
         await conn.execute(_CLEAR_DIFFERENCES, peer, window_id)
         await conn.executemany(
             _INSERT_DIFFERENCE,
-            [(peer, window_id, d.transfer_id, d.giver, d.ours, d.theirs, now) for d in differences],
+            [
+                (peer, window_id, d.transfer_id, d.giver, d.ours, d.theirs, d.evidence, now)
+                for d in differences
+            ],
         )
         state = "CLOSED"
         if not differences and detail.ids_hash == statement_line_hash(mine):
