@@ -508,6 +508,10 @@ async def reconcile_window(ctx: WalletContext, peer: str, window_id: str) -> Win
         return WindowReport(peer, window_id, "CLOSED", buckets, (), f"{peer}: unexpected reply")
     wanted = set(buckets)
     async with ctx.pool.acquire() as conn, conn.transaction():
+        # One drill-down at a time per window (replicas, the worker and an operator).
+        locked = await conn.fetchrow(_WINDOW_FOR_UPDATE, peer, window_id)
+        if locked["state"] != "CLOSED":
+            return WindowReport(peer, window_id, locked["state"], buckets, ())
         mine = await current_lines(conn, ctx.node_id, peer, window_id)
         ours = [line for line in mine if statement_bucket(line.transfer_id) in wanted]
         differences = [
