@@ -66,6 +66,7 @@ CLOSE_DELAY = dt.timedelta(hours=1)  # a statement an hour after the window ends
 # looks over the whole month (a worker that was down longer is caught up there).
 DISCOVER_LOOKBACK = dt.timedelta(days=3)
 CLOSE_BATCH = 256  # windows closed per worker pass
+CLOSE_PER_PEER = 48  # of which at most this many with one peer
 DRILL_BATCH = 16  # mismatched windows drilled down per worker pass
 DRILL_INTERVAL = dt.timedelta(minutes=10)  # between two drill-downs of one window
 STATEMENTS_INTERVAL_S = 60.0
@@ -83,8 +84,14 @@ SELECT from_node, decision_window_id, $1::timestamptz FROM grant_in
 WHERE decision_window_id IS NOT NULL AND decided_at >= $2
 ON CONFLICT (peer, window_id) DO NOTHING
 """
+# Oldest first, at most $3 per peer: a peer whose windows wait (doubts, missing ACKs) does
+# not hold up the others.
 _OPEN_WINDOWS = """
-SELECT peer, window_id FROM recon_window WHERE state = 'OPEN' AND window_id < $2
+SELECT peer, window_id FROM (
+    SELECT peer, window_id, row_number() OVER (PARTITION BY peer ORDER BY window_id) AS n
+    FROM recon_window WHERE state = 'OPEN' AND window_id < $2
+) w
+WHERE n <= $3
 ORDER BY window_id, peer LIMIT $1
 """
 _WINDOW = """
@@ -286,7 +293,7 @@ async def run_once(ctx: WalletContext, *, full: bool = False) -> int:
         await discover_windows(conn, now, EPOCH if full else None)
         # Windows whose hour ended at least CLOSE_DELAY ago (ids sort like their hours).
         cutoff = window_of(to_ms(now - CLOSE_DELAY))
-        candidates = await conn.fetch(_OPEN_WINDOWS, CLOSE_BATCH, cutoff)
+        candidates = await conn.fetch(_OPEN_WINDOWS, CLOSE_BATCH, cutoff, CLOSE_PER_PEER)
     closed = 0
     for row in candidates:
         closed += await close_window(ctx, row["peer"], row["window_id"])
