@@ -23,6 +23,7 @@ from tests.network.recon_flow import (
     SHANGHAI,
     SICHUAN,
     at,
+    refund,
     run_month,
     setup_month,
     state_windows,
@@ -62,16 +63,16 @@ async def net(
         yield network
 
 
-def _pair(a: str, b: str, a_owes_b: int, b_owes_a: int) -> PairLine:
+def _pair(a: str, b: str, a_owes_b: int, b_owes_a: int, month: str = "2026-03") -> PairLine:
     net = a_owes_b - b_owes_a
     return PairLine(
-        month="2026-03",
+        month=month,
         node_a=a,
         node_b=b,
         a_owes_b_fen=a_owes_b,
         b_owes_a_fen=b_owes_a,
-        net_payer=a if net > 0 else b,
-        net_payee=b if net > 0 else a,
+        net_payer=None if net == 0 else a if net > 0 else b,
+        net_payee=None if net == 0 else b if net > 0 else a,
         net_fen=abs(net),
         complete=True,
         status="agreed",
@@ -200,3 +201,21 @@ async def test_a_month_reconciles_a_corrupted_row_is_found_and_the_clearing_agre
     # Settled: the operators confirm the net payments.
     assert await clearing.settle_month(hebei.ctx, "2026-03") == 14
     assert set((await window_states(hebei, SICHUAN)).values()) == {"SETTLED"}
+
+    # April: no grants, but the pharmacy refunds 10,000 of a March payment of the Shanghai
+    # child. April's usage of that grant is negative: the payable shrinks, Shanghai owes.
+    await at(month, dt.datetime(2026, 4, 10, 10, 0, tzinfo=CST))
+    await refund(month, shanghai, "sh-1", 10_000)
+    await at(month, dt.datetime(2026, 5, 1, 12, 0, tzinfo=CST))
+    for n in net.nodes:
+        await clearing.run_clearing(net[n].ctx, "2026-04")
+    await net.run_senders()
+    april = {n: await clearing.clearing_report(net[n].ctx, "2026-04") for n in net.nodes}
+    back = _pair(HEBEI, SHANGHAI, -10_000, 0, "2026-04")
+    assert (back.net_payer, back.net_payee, back.net_fen) == (SHANGHAI, HEBEI, 10_000)
+    even = _pair(HEBEI, SICHUAN, 0, 0, "2026-04")
+    assert april[HEBEI].pairs == (back, even)
+    assert april[SHANGHAI].pairs == (back,)
+    assert april[SICHUAN].pairs == (even,)
+    assert await hebei.ctx.pool.fetchval(_ACCOUNT, f"payable:{SHANGHAI}") == 145_000
+    assert await shanghai.ctx.pool.fetchval(_ACCOUNT, f"receivable:{HEBEI}") == -145_000
