@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Sequence
+from typing import Literal
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -247,7 +248,12 @@ async def _ready(conn: asyncpg.Connection, peer: str, window_id: str, now: dt.da
     return not await conn.fetchval(_IN_DOUBT, peer, list(IN_DOUBT_STATES), end)
 
 
-async def _compare(conn: asyncpg.Connection, peer: str, window_id: str, now: dt.datetime) -> str:
+Comparison = Literal["MATCH", "MISMATCH", "PENDING"]
+
+
+async def _compare(
+    conn: asyncpg.Connection, peer: str, window_id: str, now: dt.datetime
+) -> Comparison:
     """Compare the two stored statements; RECONCILED when equal. MATCH/MISMATCH/PENDING."""
     row = await conn.fetchrow(_WINDOW, peer, window_id)
     if row["our_statement"] is None or row["peer_statement"] is None:
@@ -356,7 +362,7 @@ async def on_statement(ctx: WalletContext, msg: Incoming) -> Body | None:
         ref_typ=MessageType.STATEMENT,
         ref_hash=msg.body_hash,
         subject=window_id,
-        outcome=outcome,  # type: ignore[arg-type]
+        outcome=outcome,
         buckets=tuple(buckets) if outcome == "MISMATCH" else (),
         replied_at_ms=to_ms(now),
     )
@@ -441,7 +447,7 @@ def compare_lines(
     for tid in sorted(mine.keys() | other.keys()):
         a, b = mine.get(tid), other.get(tid)
         if a != b:
-            giver = (a or b).giver  # type: ignore[union-attr]
+            giver = a.giver if a is not None else other[tid].giver
             out.append(Difference(tid, giver, _describe(a), _describe(b)))
     return out
 
