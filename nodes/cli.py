@@ -17,6 +17,8 @@ credential: the operator's access to the database is the operator's credential h
     directory add-peer|show       the peer directory: other provinces' nodes and root keys
     network                       a local network of provinces on embedded PostgreSQL
     grants in-doubt               grants undecided past their time, or decided but unacknowledged
+    grants resolve ID             resolve one as the protocol would (audited; --outcome, --reason)
+    audit list                    the audit trail (--since, --subject, --action)
     receipt verify FILE           check a grant receipt offline against pinned root keys
 """
 
@@ -26,15 +28,18 @@ import argparse
 import asyncio
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import structlog
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
+from nodes import console_ops
 from nodes.app import create_app, open_context
 from nodes.logging import configure_logging
 from nodes.settings import Settings, SettingsError, load_settings
@@ -457,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     grants_cmd.add_parser("in-doubt", help="grants an operator should look at").set_defaults(
         run=_with_ctx(_grants_in_doubt)
     )
+    console_ops.register(sub, grants_cmd, _with_ctx)  # grants resolve, audit list
     receipt = sub.add_parser("receipt", help="grant receipts").add_subparsers(
         dest="action", required=True
     )
@@ -475,6 +481,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         err_console.print(f"[red]settings:[/red] {exc}")
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    # One request id per command: its log lines and audit events carry it.
+    structlog.contextvars.bind_contextvars(request_id=f"cli-{uuid.uuid4().hex[:16]}")
     run: Command = args.run
     try:
         return asyncio.run(run(args, settings))

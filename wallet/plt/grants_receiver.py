@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import msgspec
@@ -92,6 +93,10 @@ RESOLVE_BATCH = 4 * BATCH_MAX  # rows per resolver run; STATUS_REQs carry BATCH_
 STATUS_REQ_GIVE_UP_MS = 60_000  # the resolver asks again on its own schedule anyway
 MAX_LISTED = 500
 _IN_DOUBT = ("PENDING_ACCEPT", "ACCEPTED", "DECLINED_PENDING")
+
+AppliedHook = Callable[
+    [asyncpg.Connection, ReceiverTransfer | None, ReceiverTransfer | None], Awaitable[None]
+]
 
 # --- statements ------------------------------------------------------------------------------
 
@@ -516,9 +521,17 @@ async def on_decision(ctx: WalletContext, msg: Incoming) -> Body | None:
 
 
 async def apply_decision(
-    ctx: WalletContext, from_node: str, decision: Decision, decision_hash: str
+    ctx: WalletContext,
+    from_node: str,
+    decision: Decision,
+    decision_hash: str,
+    *,
+    on_applied: AppliedHook | None = None,
 ) -> Body | None:
-    """Step B's machine with a verified DECISION; return the ACK (or ERROR) to answer with."""
+    """Step B's machine with a verified DECISION; return the ACK (or ERROR) to answer with.
+
+    `on_applied(conn, old, new)` runs inside the step's transaction (an operator's audit
+    record commits with the change it records)."""
 
     async def attempt() -> Body | None:
         now = ctx.clock.now()
@@ -537,6 +550,8 @@ async def apply_decision(
             reply = await _apply(
                 ctx, conn, row, old, new, effects, now, subject=decision.transfer_id
             )
+            if on_applied is not None:
+                await on_applied(conn, old, new)
         if new is not None and (old is None or new.state != old.state):
             log.info(
                 "grant_decided_at_receiver",
@@ -593,38 +608,42 @@ async def on_status(ctx: WalletContext, msg: Incoming) -> Body | None:
         decision: Decision | None = None
         decision_hash: str | None = None
         if item.decision is not None:
-            try:
-                opened = await open_peer_envelope(ctx, item.decision)
-            except ProtocolError as exc:
+            verified = await verified_decision(ctx, msg.from_node, item.transfer_id, item.decision)
+            if isinstance(verified, str):
                 log.error(
                     "grant_status_decision_unverified",
                     transfer_id=item.transfer_id,
                     from_node=msg.from_node,
-                    error=exc.message,
+                    error=verified,
                 )
                 continue
-            env = opened.envelope
-            body = opened.body
-            if (
-                env.typ is not MessageType.DECISION
-                or env.from_node != msg.from_node
-                or not isinstance(body, Decision)
-                or body.transfer_id != item.transfer_id
-            ):
-                log.error(
-                    "grant_status_decision_mismatch",
-                    transfer_id=item.transfer_id,
-                    from_node=msg.from_node,
-                )
-                continue
-            decision, decision_hash = body, body_hash(env.body)
+            decision, decision_hash = verified
         now_ms = to_ms(ctx.clock.now())
         event = receiver.event_for_status(msg.from_node, item, decision, decision_hash, now_ms)
         if isinstance(event, receiver.DecisionArrived):
             await apply_decision(ctx, msg.from_node, event.decision, event.decision_hash)
         elif isinstance(event, receiver.PresumedAbort):
-            await _step_existing(ctx, msg.from_node, item.transfer_id, event)
+            await step_existing(ctx, msg.from_node, item.transfer_id, event)
     return None
+
+
+async def verified_decision(
+    ctx: WalletContext, from_node: str, transfer_id: str, raw: bytes
+) -> tuple[Decision, str] | str:
+    """A DECISION envelope `from_node` signed for us about `transfer_id`: (body, body hash),
+    or why it is not one (a STATUS item's decision, or evidence an operator hands in)."""
+    try:
+        opened = await open_peer_envelope(ctx, raw)
+    except ProtocolError as exc:
+        return exc.message
+    env, body = opened.envelope, opened.body
+    if env.typ is not MessageType.DECISION or not isinstance(body, Decision):
+        return f"the envelope is a {env.typ}, not a DECISION"
+    if env.from_node != from_node:
+        return f"the DECISION is signed by {env.from_node}, not by {from_node}"
+    if body.transfer_id != transfer_id:
+        return f"the DECISION is about {body.transfer_id}, not {transfer_id}"
+    return body, body_hash(env.body)
 
 
 async def _status_request_answered(ctx: WalletContext, peer: str, status: Status) -> None:
@@ -641,8 +660,13 @@ async def _status_request_answered(ctx: WalletContext, peer: str, status: Status
             )
 
 
-async def _step_existing(
-    ctx: WalletContext, from_node: str, transfer_id: str, event: receiver.ReceiverEvent
+async def step_existing(
+    ctx: WalletContext,
+    from_node: str,
+    transfer_id: str,
+    event: receiver.ReceiverEvent,
+    *,
+    on_applied: AppliedHook | None = None,
 ) -> Body | None:
     """Step an existing row with an event that never creates one."""
     now = ctx.clock.now()
@@ -652,7 +676,10 @@ async def _step_existing(
             return None
         old = machine(row)
         new, effects = receiver.step(old, event)
-        return await _apply(ctx, conn, row, old, new, effects, now, subject=transfer_id)
+        reply = await _apply(ctx, conn, row, old, new, effects, now, subject=transfer_id)
+        if on_applied is not None:
+            await on_applied(conn, old, new)
+        return reply
 
 
 async def resolve_once(ctx: WalletContext, limit: int = RESOLVE_BATCH) -> int:
