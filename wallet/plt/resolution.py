@@ -201,14 +201,6 @@ async def _at_giver(
     evidence: bytes | None,
     who: _Who,
 ) -> Resolution:
-    proof: tuple[Decision, str, Accept, str] | None = None
-    if outcome == "commit" and evidence is None:
-        raise _refuse(
-            "evidence_required",
-            f"the giver's node commits {transfer_id} only on the receiver's ACCEPT before "
-            "the deadline, or by repair from its own signed COMMIT: pass --evidence with "
-            "the grant's receipt from the receiver's node",
-        )
     now = ctx.clock.now()
     now_ms = to_ms(now)
     async with ctx.pool.acquire() as conn, conn.transaction():
@@ -216,9 +208,6 @@ async def _at_giver(
         assert row is not None
         old = grants_giver.machine(row)
         state = old.state
-        if outcome == "commit":
-            assert evidence is not None
-            proof = _commit_proof(ctx, old, evidence)
         if state is GiverState.REJECTED:
             raise _refuse(
                 "already_resolved",
@@ -234,6 +223,11 @@ async def _at_giver(
                     f"--outcome {outcome} would contradict it",
                     state=state.value,
                 )
+            proof = (
+                None
+                if evidence is None or outcome != "commit"
+                else _commit_proof(ctx, old, evidence)
+            )
             if proof is not None and proof[1] != old.decision_hash:
                 raise _refuse(
                     "evidence_invalid",
@@ -264,9 +258,15 @@ async def _at_giver(
                 )
             new, effects = giver.step(old, giver.Sweep(now_ms=now_ms))
             basis = "deadline passed (the sweeper's presumed abort, 3303)"
+        elif evidence is None:
+            raise _refuse(
+                "evidence_required",
+                f"the giver's node commits {transfer_id} only on the receiver's ACCEPT before "
+                "the deadline, or by repair from its own signed COMMIT: pass --evidence with "
+                "the grant's receipt from the receiver's node",
+            )
         else:
-            assert proof is not None
-            new, effects = _repaired(old, *proof)
+            new, effects = _repaired(old, *_commit_proof(ctx, old, evidence))
             basis = "repair from this node's own signed COMMIT (PROTOCOL b.9.5)"
         assert new is not None
         await grants_giver._apply(ctx, conn, row, old, new, effects, now, subject=transfer_id)
