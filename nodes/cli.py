@@ -87,7 +87,8 @@ async def _migrate(ctx: WalletContext, args: argparse.Namespace) -> int:
 async def _roster_import(ctx: WalletContext, args: argparse.Namespace) -> int:
     from wallet import roster
 
-    rows = roster.parse_roster_file(Path(args.file))
+    found = roster.read_roster_file(Path(args.file))
+    rows = found.rows
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -96,7 +97,13 @@ async def _roster_import(ctx: WalletContext, args: argparse.Namespace) -> int:
         console=console,
     ) as progress:
         task = progress.add_task("importing", total=len(rows))
-        result = await roster.import_rows(ctx, rows, progress=lambda n: progress.advance(task, n))
+        result = await roster.import_rows(
+            ctx,
+            rows,
+            progress=lambda n: progress.advance(task, n),
+            lines=found.lines,  # refusals found later (pooling region) name the file's line
+            actor=args.actor,
+        )
     console.print(f"created {result.created}, updated {result.updated}")
     return 0
 
@@ -112,8 +119,10 @@ async def _person_status(ctx: WalletContext, args: argparse.Namespace) -> int:
 async def _credits_post(ctx: WalletContext, args: argparse.Namespace) -> int:
     from wallet import credits
 
-    rows = credits.parse_credit_file(Path(args.file))
-    result = await credits.post_batch(ctx, args.batch_id, args.month, rows)
+    found = credits.read_credit_file(Path(args.file))
+    result = await credits.post_batch(
+        ctx, args.batch_id, args.month, found.rows, lines=found.lines, actor=args.actor
+    )
     verb = "posted" if result.created else "already posted (identical batch)"
     console.print(
         f"batch {result.batch_id} {verb}: {result.row_count} credits, {_yuan(result.total_fen)}"
@@ -375,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     roster = sub.add_parser("roster").add_subparsers(dest="action", required=True)
     imp = roster.add_parser("import", help="import insured persons from CSV or JSON")
     imp.add_argument("file")
+    imp.add_argument("--actor", default="operator-cli")
     imp.set_defaults(run=_with_ctx(_roster_import))
 
     person = sub.add_parser("person").add_subparsers(dest="action", required=True)
@@ -389,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     post.add_argument("file")
     post.add_argument("--batch-id", required=True)
     post.add_argument("--month", required=True, help="YYYY-MM")
+    post.add_argument("--actor", default="operator-cli")
     post.set_defaults(run=_with_ctx(_credits_post))
 
     inst = sub.add_parser("institution").add_subparsers(dest="action", required=True)

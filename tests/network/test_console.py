@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from nodes import cli, console_ops
 from nodes.network import LocalNetwork, LocalNode
@@ -66,10 +67,13 @@ def console_config(tmp_path: Path, network: LocalNetwork, node: LocalNode) -> st
 
 
 @pytest.fixture(autouse=True)
-def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tables as on a wide terminal, so a test reads whole cells."""
+def wide_console(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Tables as on a wide terminal, so a test reads whole cells; afterwards, logging as it
+    was (`cli.main` configures structlog onto this test's captured standard error)."""
     monkeypatch.setattr(console_ops.console, "width", 250)
     monkeypatch.setattr(cli.console, "width", 250)
+    yield
+    structlog.reset_defaults()
 
 
 async def plt_node_cli(config: str, *args: str) -> int:
@@ -103,10 +107,14 @@ async def test_grants_resolve_at_a_then_the_audit_trail_shows_it(
     assert "would contradict it" in capsys.readouterr().err.replace("\n", " ")
 
     listing = ["audit", "list", "--since", "3650d", "--subject", f"grant:{tid}", "--limit", "5"]
-    assert await plt_node_cli(config, *listing) == 0
+    assert await plt_node_cli(config, *listing, "--action", "grant.resolve") == 0
     out = capsys.readouterr().out
     assert "grant.resolve" in out and "ops-wang" in out and "cli-" in out
     assert "1 event(s)" in out
+    # The money movements of the grant are on its trail too: held, then returned.
+    assert await plt_node_cli(config, *listing) == 0
+    out = capsys.readouterr().out
+    assert "grant.hold" in out and "grant.abort" in out and "3 event(s)" in out
     assert await plt_node_cli(config, "audit", "list", "--since", "yesterday-ish") == 1
     assert "--since" in capsys.readouterr().err
 

@@ -320,6 +320,11 @@ async def test_a_commit_lost_in_a_failover_at_a_is_repaired_from_the_receipt(
         alerts = await rows(
             pair.a, "SELECT action FROM audit_event WHERE subject = $1 ORDER BY id", f"grant:{tid}"
         )
-        assert [a["action"] for a in alerts] == ["alert.repaired", "grant.resolve"]
+        assert [a["action"] for a in alerts] == [
+            "grant.hold",
+            "grant.commit",
+            "alert.repaired",
+            "grant.resolve",
+        ]
     finally:
         await _drop(network, lost)

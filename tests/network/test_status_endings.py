@@ -30,12 +30,13 @@ from tests.network.grant_flow import (
     states,
 )
 from tests.network.support import client, cross_state, rows
-from tests.network.test_console import console_config
+from tests.network.test_console import console_config, wide_console
 from tests.network.test_grants import pay_at_pharmacy, pharmacy_key
 from tests.support import OPERATOR
 from wallet.clock import ManualClock
 
-pytestmark = [pytest.mark.network, pytest.mark.anyio]
+pytestmark = [pytest.mark.network, pytest.mark.anyio, pytest.mark.usefixtures("wide_console")]
+_ = wide_console  # the fixture, imported for `usefixtures`
 
 
 @pytest.fixture

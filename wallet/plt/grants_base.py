@@ -79,6 +79,37 @@ async def raise_alert(
     )
 
 
+async def audit_money(
+    conn: asyncpg.Connection,
+    *,
+    at: dt.datetime,
+    action: str,
+    transfer_id: str,
+    side: str,
+    amount_fen: int,
+    actor: str = "plt",
+    **detail: object,
+) -> None:
+    """One money movement of a grant in the audit trail, in the step's transaction.
+
+    `action`: grant.hold (A: the giver's amount; B: the pending quota), grant.commit (hold
+    posted), grant.abort (hold voided), grant.release (B: unused quota back to clearing;
+    A: back to the giver). The actor is `plt` (the protocol, on a peer's signed message or
+    a worker), a person (`person:<id>`, an instruction) or the resolving operator.
+    """
+    await audit.record(
+        conn,
+        at=at,
+        actor=actor,
+        action=action,
+        subject=f"grant:{transfer_id}",
+        request_id=None,
+        side=side,
+        amount_fen=amount_fen,
+        **detail,
+    )
+
+
 async def retry_lost_races(attempt: Callable[[], Awaitable[T]]) -> T:
     """Run a transaction that may lose an insert race again, a bounded number of times."""
     for _ in range(RACE_RETRIES - 1):

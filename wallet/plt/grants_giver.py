@@ -89,6 +89,7 @@ from wallet.plt.grants_base import (
     PURPOSE_GRANT_RETURNED,
     PURPOSE_QUOTA_RELEASED,
     LostRace,
+    audit_money,
     decode,
     encode,
     from_ms,
@@ -329,6 +330,18 @@ async def _apply(
                     await ledger.post_hold(conn, row["hold_id"], PURPOSE_GRANT)
                 else:
                     await ledger.void_hold(conn, row["hold_id"], PURPOSE_GRANT_RETURNED)
+                await audit_money(
+                    conn,
+                    at=now,
+                    action="grant.commit" if isinstance(effect, PostHold) else "grant.abort",
+                    transfer_id=subject,
+                    side="giver",
+                    amount_fen=row["amount_fen"],
+                    peer=row["to_node"],
+                    code=None
+                    if new is None or new.decision is None or new.decision.reason is None
+                    else int(new.decision.reason.code),
+                )
             case Send():
                 await outbox.enqueue(
                     conn,
@@ -507,6 +520,17 @@ async def _instruct_once(
                     credit_account_id=due_to,
                     amount_fen=effect.amount_fen,
                     purpose=PURPOSE_GRANT,
+                )
+                await audit_money(
+                    conn,
+                    at=now,
+                    action="grant.hold",
+                    transfer_id=transfer_id,
+                    side="giver",
+                    amount_fen=effect.amount_fen,
+                    actor=f"person:{giver_person_id}",
+                    peer=relation.receiver_node,
+                    relation_id=relation_id,
                 )
         inserted = await conn.fetchval(
             _INSERT,
@@ -836,6 +860,17 @@ async def _apply_release(
                 purpose=PURPOSE_QUOTA_RELEASED,
             )
             returned += delta
+            await audit_money(
+                conn,
+                at=now,
+                action="grant.release",
+                transfer_id=row["transfer_id"],
+                side="giver",
+                amount_fen=delta,
+                peer=msg.from_node,
+                release_id=release.release_id,
+                released_fen=cumulative,
+            )
             log.info("grant_released", transfer_id=row["transfer_id"], returned_fen=delta)
         reply = _release_reply(release, msg, now, None, None)
     else:

@@ -79,6 +79,7 @@ from wallet.plt.grants_base import (
     PURPOSE_QUOTA,
     PURPOSE_QUOTA_RETURNED,
     LostRace,
+    audit_money,
     decode,
     encode,
     from_ms,
@@ -326,11 +327,19 @@ async def _apply(
                 assert row is not None
                 await ledger.post_hold(conn, row["hold_id"], PURPOSE_QUOTA)
                 await quota.activate_quota(conn, row["quota_account_id"], now)
+                await audit_money(
+                    conn, at=now, action="grant.commit", transfer_id=subject, side="receiver",
+                    amount_fen=row["amount_fen"], peer=row["from_node"],
+                )  # fmt: skip
                 posted = True
             case VoidHold():
                 assert row is not None
                 await ledger.void_hold(conn, row["hold_id"], PURPOSE_QUOTA_RETURNED)
                 await quota.void_quota(conn, row["quota_account_id"])
+                await audit_money(
+                    conn, at=now, action="grant.abort", transfer_id=subject, side="receiver",
+                    amount_fen=row["amount_fen"], peer=row["from_node"],
+                )  # fmt: skip
             case Send():
                 await outbox.enqueue(
                     conn,
@@ -437,6 +446,11 @@ async def _prepare_once(
             account_id, hold_id = await quota.open_pending_quota(
                 conn, from_node=msg.from_node, transfer_id=tid, amount_fen=effect.amount_fen
             )
+            await audit_money(
+                conn, at=now, action="grant.hold", transfer_id=tid, side="receiver",
+                amount_fen=effect.amount_fen, peer=msg.from_node,
+                relation_id=prepare.relation.relation_id,
+            )  # fmt: skip
     received = new.prepare_reply
     inserted = await conn.fetchval(
         _INSERT,
