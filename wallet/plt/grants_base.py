@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from typing import TypeVar
 
 import asyncpg
@@ -58,6 +59,12 @@ def decode(typ: str | MessageType | None, raw: bytes | None) -> Body | None:
     if raw is None or typ is None:
         return None
     return decode_body(MessageType(typ), bytes(raw))
+
+
+def grant_log_context(node: str, transfer_id: str) -> AbstractContextManager[None]:
+    """Bind the node and the transfer id to every log line written inside (structlog
+    contextvars): how one grant is followed across both nodes' logs."""
+    return structlog.contextvars.bound_contextvars(node=node, transfer_id=transfer_id)
 
 
 async def raise_alert(

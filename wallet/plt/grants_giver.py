@@ -93,6 +93,7 @@ from wallet.plt.grants_base import (
     decode,
     encode,
     from_ms,
+    grant_log_context,
     log,
     raise_alert,
     retry_lost_races,
@@ -424,7 +425,8 @@ async def instruct(
             ctx, giver_person_id, transfer_id, relation_id, amount_fen, wanted, verified_at_ms
         )
 
-    row = await retry_lost_races(attempt)
+    with grant_log_context(ctx.node_id, transfer_id):
+        row = await retry_lost_races(attempt)
     if row["state"] == GiverState.REJECTED:
         raise rejection_error(row["transfer_id"], ErrorCode(row["reject_code"]))
     return _view(row)
@@ -723,7 +725,8 @@ async def sweep_once(ctx: WalletContext, batch: int = SWEEP_BATCH) -> int:
         for row in rows:
             old = machine(row)
             new, effects = giver.step(old, giver.Sweep(now_ms=now_ms))
-            await _apply(ctx, conn, row, old, new, effects, now, subject=row["transfer_id"])
+            with grant_log_context(ctx.node_id, row["transfer_id"]):
+                await _apply(ctx, conn, row, old, new, effects, now, subject=row["transfer_id"])
     log.info("grants_expired", count=len(rows))
     return len(rows)
 

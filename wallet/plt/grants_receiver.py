@@ -83,6 +83,7 @@ from wallet.plt.grants_base import (
     decode,
     encode,
     from_ms,
+    grant_log_context,
     log,
     raise_alert,
     retry_lost_races,
@@ -634,10 +635,11 @@ async def on_status(ctx: WalletContext, msg: Incoming) -> Body | None:
             decision, decision_hash = verified
         now_ms = to_ms(ctx.clock.now())
         event = receiver.event_for_status(msg.from_node, item, decision, decision_hash, now_ms)
-        if isinstance(event, receiver.DecisionArrived):
-            await apply_decision(ctx, msg.from_node, event.decision, event.decision_hash)
-        elif isinstance(event, receiver.PresumedAbort):
-            await step_existing(ctx, msg.from_node, item.transfer_id, event)
+        with grant_log_context(ctx.node_id, item.transfer_id):
+            if isinstance(event, receiver.DecisionArrived):
+                await apply_decision(ctx, msg.from_node, event.decision, event.decision_hash)
+            elif isinstance(event, receiver.PresumedAbort):
+                await step_existing(ctx, msg.from_node, item.transfer_id, event)
     return None
 
 
@@ -713,13 +715,14 @@ async def resolve_once(ctx: WalletContext, limit: int = RESOLVE_BATCH) -> int:
                 if isinstance(effect, QueryPeer):
                     asked[effect.to_node].append(effect.transfer_id)
                 elif isinstance(effect, Alert):
-                    await raise_alert(
-                        conn,
-                        effect,
-                        at=now,
-                        subject=f"grant:{row['transfer_id']}",
-                        node=ctx.node_id,
-                    )
+                    with grant_log_context(ctx.node_id, row["transfer_id"]):
+                        await raise_alert(
+                            conn,
+                            effect,
+                            at=now,
+                            subject=f"grant:{row['transfer_id']}",
+                            node=ctx.node_id,
+                        )
             delay_ms = resolver_delay_ms(row["status_attempts"])
             await conn.execute(
                 _RESCHEDULE, row["from_node"], row["transfer_id"], from_ms(now_ms + delay_ms)
@@ -764,7 +767,10 @@ async def accept(
     """The receiver accepts (payment password): B sends a binding ACCEPT to the giver node."""
     from_node = await _locate(ctx, person_id, transfer_id)
     await verify_payment_password(ctx, person_id, payment_password)
-    return await _receiver_answers(ctx, from_node, transfer_id, accepts=True, person_id=person_id)
+    with grant_log_context(ctx.node_id, transfer_id):
+        return await _receiver_answers(
+            ctx, from_node, transfer_id, accepts=True, person_id=person_id
+        )
 
 
 async def decline(
@@ -773,7 +779,10 @@ async def decline(
     """The receiver declines (payment password): B sends DECLINE; the hold waits for A."""
     from_node = await _locate(ctx, person_id, transfer_id)
     await verify_payment_password(ctx, person_id, payment_password)
-    return await _receiver_answers(ctx, from_node, transfer_id, accepts=False, person_id=person_id)
+    with grant_log_context(ctx.node_id, transfer_id):
+        return await _receiver_answers(
+            ctx, from_node, transfer_id, accepts=False, person_id=person_id
+        )
 
 
 async def _receiver_answers(

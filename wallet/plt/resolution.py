@@ -58,7 +58,7 @@ from wallet import audit, metrics
 from wallet.context import WalletContext
 from wallet.errors import ErrorCode, WalletError
 from wallet.plt import grants_giver, grants_receiver, receipts, transport
-from wallet.plt.grants_base import to_ms
+from wallet.plt.grants_base import grant_log_context, to_ms
 
 log = structlog.get_logger("wallet.plt.resolution")
 
@@ -125,6 +125,35 @@ async def resolve(
     at_giver = await ctx.pool.fetchval(_GIVER_ROW, transfer_id) is not None
     at_receiver = await ctx.pool.fetch(_RECEIVER_ROWS, transfer_id)
     who = _Who(actor=actor.strip()[:64], reason=reason.strip()[:500], request_id=request_id)
+    with grant_log_context(ctx.node_id, transfer_id):
+        result = await _resolve(
+            ctx, transfer_id, outcome, evidence, side, at_giver, at_receiver, who
+        )
+    metrics.COUNTERS.inc(
+        metrics.RESOLUTIONS, side=result.side, outcome=outcome, changed=str(result.changed).lower()
+    )
+    log.info(
+        "grant_resolved_by_operator",
+        transfer_id=transfer_id,
+        side=result.side,
+        outcome=outcome,
+        changed=result.changed,
+        state=result.state_after,
+        actor=who.actor,
+    )
+    return result
+
+
+async def _resolve(
+    ctx: WalletContext,
+    transfer_id: str,
+    outcome: ResolveOutcome,
+    evidence: bytes | None,
+    side: Side | None,
+    at_giver: bool,
+    at_receiver: list[asyncpg.Record],
+    who: _Who,
+) -> Resolution:
     if side != "receiver" and at_giver:
         result = await _at_giver(ctx, transfer_id, outcome, evidence, who)
     elif side != "giver" and len(at_receiver) == 1:
@@ -142,18 +171,6 @@ async def resolve(
             + (" on that side" if side else "")
             + "; a grant row lost entirely (PROTOCOL b.9.5) is restored from backup, not here",
         )
-    metrics.COUNTERS.inc(
-        metrics.RESOLUTIONS, side=result.side, outcome=outcome, changed=str(result.changed).lower()
-    )
-    log.info(
-        "grant_resolved_by_operator",
-        transfer_id=transfer_id,
-        side=result.side,
-        outcome=outcome,
-        changed=result.changed,
-        state=result.state_after,
-        actor=who.actor,
-    )
     return result
 
 
