@@ -51,7 +51,15 @@ async def committed_spent_and_pending(pair: Pair) -> tuple[str, str]:
     first = await grant(pair, 100_000)
     assert (await answer(pair, first)).status_code == 200
     await pair.network.run_senders()
-    await pay_at_pharmacy(pair, await pharmacy_key(pair), 30_000, "rx-1")
+    paid = await pay_at_pharmacy(pair, await pharmacy_key(pair), 30_000, "rx-1")
+    charged = await rows(
+        pair.b,
+        "SELECT actor, (detail->>'amount_fen')::bigint AS fen, detail->'sources'->0->>'source' AS src"
+        " FROM audit_event WHERE action = 'settlement.charge' AND subject = $1",
+        f"settlement:{paid['settlement_id']}",
+    )
+    assert [(r["fen"], r["src"]) for r in charged] == [(30_000, "quota")]
+    assert charged[0]["actor"].startswith("institution:")
     second = await grant(pair, 50_000)
     assert await states(pair, first) == ("COMMITTED", "COMMITTED")
     assert await states(pair, second) == ("PREPARED_A", "PENDING_ACCEPT")

@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 import structlog
 
 from nodes import cli, console_ops
-from tests.support import make_id_number
+from tests.support import OPERATOR, make_id_number
 
 pytestmark = pytest.mark.anyio
 
@@ -122,3 +123,29 @@ async def test_console_actions_are_audited_and_the_trail_is_append_only(
             await db.execute(statement)
     assert await db.fetchval("SELECT count(*) FROM audit_event WHERE actor = 'nobody'") == 0
     assert await db.fetchval("SELECT count(*) FROM audit_event") == 3
+
+
+async def test_operator_api_actions_carry_the_request_id_and_the_operator(
+    client: Any, db: asyncpg.Connection
+) -> None:
+    response = await client.post(
+        "/operator/v1/institutions",
+        json={
+            "code": "h-13-001",
+            "name": "河北某医院",
+            "kind": "hospital",
+            "categories": ["outpatient"],
+        },
+        headers={**OPERATOR, "X-Request-ID": "req-audit-1", "X-Operator-Name": "ops-sun"},
+    )
+    assert response.status_code == 201, response.text
+    suspended = await client.post(
+        "/operator/v1/institutions/h-13-001/suspend",
+        headers={**OPERATOR, "X-Request-ID": "req-audit-2", "X-Operator-Name": "ops-sun"},
+    )
+    assert suspended.status_code == 200, suspended.text
+    trail = await db.fetch("SELECT actor, action, request_id FROM audit_event ORDER BY id")
+    assert [tuple(r) for r in trail] == [
+        ("ops-sun", "institution.register", "req-audit-1"),
+        ("ops-sun", "institution.suspended", "req-audit-2"),
+    ]
