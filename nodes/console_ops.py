@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -25,24 +24,7 @@ from wallet.errors import ErrorCode, WalletError
 
 console = Console()
 
-_RELATIVE = re.compile(r"^(\d{1,6})([mhd])$")
-_UNIT_S = {"m": 60, "h": 3600, "d": 86400}
 DETAIL_CHARS_MAX = 120
-
-
-def parse_since(value: str, now: dt.datetime) -> dt.datetime:
-    """`30m`, `24h`, `7d` (before now) or an ISO 8601 date or time (UTC unless it says)."""
-    relative = _RELATIVE.match(value.strip())
-    if relative:
-        return now - dt.timedelta(seconds=int(relative[1]) * _UNIT_S[relative[2]])
-    try:
-        at = dt.datetime.fromisoformat(value.strip())
-    except ValueError:
-        raise WalletError(
-            ErrorCode.INVALID_REQUEST,
-            f"--since {value!r}: give 30m, 24h, 7d, or an ISO date/time like 2026-03-16T08:00",
-        ) from None
-    return at if at.tzinfo is not None else at.replace(tzinfo=dt.UTC)
 
 
 def _read_evidence(path: str) -> bytes:
@@ -80,7 +62,7 @@ async def audit_list(ctx: WalletContext, args: argparse.Namespace) -> int:
     """`audit list`: the newest events first."""
     from wallet import audit
 
-    since = parse_since(args.since, ctx.clock.now())
+    since = audit.parse_since(args.since, ctx.clock.now())
     events = await audit.list_events(
         ctx.pool,
         since=since,

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from typing import Any
 
 import asyncpg
 import msgspec
 import structlog
+
+from wallet.errors import ErrorCode, WalletError
 
 _INSERT = """
 INSERT INTO audit_event (at, actor, action, subject, request_id, detail)
@@ -32,6 +35,23 @@ ORDER BY at DESC, id DESC
 LIMIT $4
 """
 LIST_MAX = 10_000
+_RELATIVE = re.compile(r"^(\d{1,6})([mhd])$")
+_UNIT_S = {"m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(value: str, now: dt.datetime) -> dt.datetime:
+    """`30m`, `24h`, `7d` (before now) or an ISO 8601 date or time (UTC unless it says)."""
+    relative = _RELATIVE.match(value.strip())
+    if relative:
+        return now - dt.timedelta(seconds=int(relative[1]) * _UNIT_S[relative[2]])
+    try:
+        at = dt.datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise WalletError(
+            ErrorCode.INVALID_REQUEST,
+            f"since {value!r}: give 30m, 24h, 7d, or an ISO date/time like 2026-03-16T08:00",
+        ) from None
+    return at if at.tzinfo is not None else at.replace(tzinfo=dt.UTC)
 
 
 def current_request_id() -> str | None:

@@ -29,8 +29,9 @@ from tests.network.grant_flow import (
     set_clock,
     states,
 )
-from tests.network.support import app_get, rows, seal_from, wire_bytes
+from tests.network.support import app_get, client, rows, seal_from, wire_bytes
 from tests.network.test_grant_faults import queued, send_by_hand
+from tests.support import OPERATOR
 from wallet.clock import ManualClock
 from wallet.errors import ErrorCode, WalletError
 from wallet.plt import grants, resolution
@@ -328,3 +329,46 @@ async def test_a_commit_lost_in_a_failover_at_a_is_repaired_from_the_receipt(
         ]
     finally:
         await _drop(network, lost)
+
+
+# --- the same through /operator/v1 ------------------------------------------------------------
+
+
+async def test_the_operator_api_lists_resolves_and_shows_the_trail(
+    pair: Pair, net_clock: ManualClock
+) -> None:
+    tid = await grant(pair, 80_000)
+    headers = {**OPERATOR, "X-Operator-Name": "ops-wang", "X-Request-ID": "ops-req-1"}
+    path = f"/operator/v1/grants/{tid}/resolution"
+    async with client(pair.a) as http:
+        assert (await http.get("/operator/v1/grants/in-doubt", headers=OPERATOR)).json() == []
+        early = await http.post(path, json={"outcome": "abort", "reason": REASON}, headers=headers)
+        assert (early.status_code, early.json()["code"], early.json()["rule"]) == (
+            409,
+            "state_conflict",
+            "before_deadline",
+        )
+        bad = await http.post(path, json={"outcome": "maybe", "reason": REASON}, headers=headers)
+        assert (bad.status_code, bad.json()["code"]) == (400, "invalid_request")
+        await set_clock(pair, net_clock, DECIDE_BY + dt.timedelta(minutes=1))
+        listed = (await http.get("/operator/v1/grants/in-doubt", headers=OPERATOR)).json()
+        assert [(g["side"], g["transfer_id"], g["state"]) for g in listed] == [
+            ("giver", tid, "PREPARED_A")
+        ]
+        done = await http.post(path, json={"outcome": "abort", "reason": REASON}, headers=headers)
+        assert done.status_code == 200, done.text
+        assert (done.json()["state_before"], done.json()["state_after"]) == (
+            "PREPARED_A",
+            "ABORTED",
+        )
+        trail = await http.get(
+            "/operator/v1/audit",
+            params={"since": "1d", "subject": f"grant:{tid}", "action": "grant.resolve"},
+            headers=OPERATOR,
+        )
+    assert trail.status_code == 200, trail.text
+    assert [(e["actor"], e["action"], e["request_id"]) for e in trail.json()] == [
+        ("ops-wang", "grant.resolve", "ops-req-1")
+    ]
+    await pair.network.run_senders()
+    assert await states(pair, tid) == ("ABORTED", "ABORTED")

@@ -10,6 +10,7 @@ from wallet.api.app_payments import AppPaymentCodesController
 from wallet.api.app_relationships import AppRelationshipsController
 from wallet.api.app_wallet import AppWalletController
 from wallet.api.institution import InstitutionSettlementsController
+from wallet.api.operator_grants import OperatorGrantsController
 from wallet.api.operator_institutions import (
     OperatorInstitutionsController,
     OperatorRelationshipsController,
@@ -27,6 +28,7 @@ ROUTE_HANDLERS: list[Any] = [
     InstitutionSettlementsController,
     OperatorInstitutionsController,
     OperatorRelationshipsController,
+    OperatorGrantsController,
     AppGrantsController,
     AppCrossRelationshipsController,
     PltController,
