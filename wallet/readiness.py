@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import weakref
 from dataclasses import dataclass
 
 import httpx
@@ -56,13 +57,13 @@ class _Probe:
     error: str | None
 
 
-# (this node, peer) -> the last probe; per process, like the HTTP client it uses.
-_PROBES: dict[tuple[str, str], _Probe] = {}
+# This node (its PltNode, which owns the HTTP client) -> peer -> the last probe.
+_PROBES: weakref.WeakKeyDictionary[PltNode, dict[str, _Probe]] = weakref.WeakKeyDictionary()
 
 
 async def _probe(plt: PltNode, peer: str, now: dt.datetime) -> _Probe:
-    key = (plt.node_id, peer)
-    cached = _PROBES.get(key)
+    probes = _PROBES.setdefault(plt, {})
+    cached = probes.get(peer)
     if cached is not None and dt.timedelta(0) <= now - cached.at < dt.timedelta(
         milliseconds=PROBE_TTL_MS
     ):
@@ -73,7 +74,7 @@ async def _probe(plt: PltNode, peer: str, now: dt.datetime) -> _Probe:
         probe = _Probe(now, ok, None if ok else f"HTTP {response.status_code}")
     except (httpx.HTTPError, OSError) as exc:
         probe = _Probe(now, False, type(exc).__name__)
-    _PROBES[key] = probe
+    probes[peer] = probe
     return probe
 
 
