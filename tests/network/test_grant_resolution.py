@@ -12,10 +12,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
 
 from nodes.network import LocalNetwork, LocalNode
-from protocol.messages import Decision, MessageType, Outcome
+from protocol.ids import uuid7
+from protocol.messages import Decision, MessageType, Outcome, Prepare, Received
 from tests.network.grant_flow import (
     A,
     B,
@@ -372,3 +374,30 @@ async def test_the_operator_api_lists_resolves_and_shows_the_trail(
     ]
     await pair.network.run_senders()
     assert await states(pair, tid) == ("ABORTED", "ABORTED")
+
+
+async def test_at_b_a_presumed_abort_allows_only_abort(pair: Pair) -> None:
+    """B holds a grant A has no row for (A lost it): A's signed STATUS presumes ABORT."""
+    real = await grant(pair, 80_000)
+    prepare = await queued(pair.a, MessageType.PREPARE, real)
+    assert isinstance(prepare, Prepare)
+    lost = uuid7()
+    orphan = msgspec.structs.replace(prepare, transfer_id=lost, a_hold_id=uuid7())
+    assert isinstance(await send_by_hand(pair.a, pair.b, orphan), Received)
+    assert await states(pair, lost) == (None, "PENDING_ACCEPT")
+    contradiction = await refused(pair.b, lost, "commit")
+    assert contradiction.extensions["rule"] == "contradicts_signed_decision"
+    assert "presumed" in contradiction.detail
+    done = await resolution.resolve(
+        pair.b.ctx, lost, outcome="abort", reason=REASON, actor="ops-li"
+    )
+    assert (done.state_before, done.state_after, done.changed) == (
+        "PENDING_ACCEPT",
+        "ABORTED",
+        True,
+    )
+    presumed = await pair.b.ctx.pool.fetchval(
+        "SELECT presumed_abort FROM grant_in WHERE transfer_id = $1", lost
+    )
+    assert presumed is True
+    await expect_money(pair, giver=420_000, held=80_000)  # the real grant is untouched
