@@ -374,6 +374,16 @@ async def _apply(
     return reply
 
 
+async def lock_grant(conn: asyncpg.Connection, transfer_id: str) -> asyncpg.Record | None:
+    """The grant_out row locked FOR UPDATE, for a step driven from outside this module (the
+    operator's resolution, `wallet.plt.resolution`), which then calls `apply_step`."""
+    row: asyncpg.Record | None = await conn.fetchrow(_LOAD_FOR_UPDATE, transfer_id)
+    return row
+
+
+apply_step = _apply  # execute a step's effects and save the row, in the caller's transaction
+
+
 # --- the giver's instruction -------------------------------------------------------------------
 
 

@@ -221,7 +221,7 @@ async def _at_giver(
     now = ctx.clock.now()
     now_ms = to_ms(now)
     async with ctx.pool.acquire() as conn, conn.transaction():
-        row = await conn.fetchrow(grants_giver._LOAD_FOR_UPDATE, transfer_id)
+        row = await grants_giver.lock_grant(conn, transfer_id)
         assert row is not None
         old = grants_giver.machine(row)
         state = old.state
@@ -286,7 +286,7 @@ async def _at_giver(
             new, effects = _repaired(old, *_commit_proof(ctx, old, evidence))
             basis = "repair from this node's own signed COMMIT (PROTOCOL b.9.5)"
         assert new is not None
-        await grants_giver._apply(ctx, conn, row, old, new, effects, now, subject=transfer_id)
+        await grants_giver.apply_step(ctx, conn, row, old, new, effects, now, subject=transfer_id)
         await _audit(
             conn, ctx, who, transfer_id, side="giver", outcome=outcome,
             before=state.value, after=new.state.value, basis=basis,
