@@ -17,6 +17,7 @@ from nodes.settings import Settings
 from nodes.workers import WorkerSet
 from wallet.api import routes
 from wallet.api.problems import EXCEPTION_HANDLERS, request_id_middleware
+from wallet.api.system import metrics_middleware
 from wallet.clock import Clock, SystemClock
 from wallet.context import OtpSender, WalletContext
 from wallet.otp import LogOtpSender, NoOtpSender
@@ -107,7 +108,7 @@ def create_app(
         route_handlers=routes.ROUTE_HANDLERS,
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[request_id_middleware],
+        middleware=[request_id_middleware, metrics_middleware],
         request_max_body_size=MAX_BODY_BYTES,
         openapi_config=OpenAPIConfig(
             title=f"Province wallet node {settings.node_id} ({settings.province_code})",
@@ -119,4 +120,5 @@ def create_app(
         debug=False,
     )
     app.state.operator_token = settings.operator_token
+    app.state.metrics_token = settings.metrics_token
     return app

@@ -17,6 +17,8 @@ credential: the operator's access to the database is the operator's credential h
     directory add-peer|show       the peer directory: other provinces' nodes and root keys
     network                       a local network of provinces on embedded PostgreSQL
     grants in-doubt               grants undecided past their time, or decided but unacknowledged
+    grants resolve ID             resolve one as the protocol would (audited; --outcome, --reason)
+    audit list                    the audit trail (--since, --subject, --action)
     receipt verify FILE           check a grant receipt offline against pinned root keys
 """
 
@@ -26,16 +28,18 @@ import argparse
 import asyncio
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import structlog
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
-from nodes import console_clearing
+from nodes import console_clearing, console_ops
 from nodes.app import create_app, open_context
 from nodes.logging import configure_logging
 from nodes.settings import Settings, SettingsError, load_settings
@@ -83,7 +87,8 @@ async def _migrate(ctx: WalletContext, args: argparse.Namespace) -> int:
 async def _roster_import(ctx: WalletContext, args: argparse.Namespace) -> int:
     from wallet import roster
 
-    rows = roster.parse_roster_file(Path(args.file))
+    found = roster.read_roster_file(Path(args.file))
+    rows = found.rows
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -92,7 +97,13 @@ async def _roster_import(ctx: WalletContext, args: argparse.Namespace) -> int:
         console=console,
     ) as progress:
         task = progress.add_task("importing", total=len(rows))
-        result = await roster.import_rows(ctx, rows, progress=lambda n: progress.advance(task, n))
+        result = await roster.import_rows(
+            ctx,
+            rows,
+            progress=lambda n: progress.advance(task, n),
+            lines=found.lines,  # refusals found later (pooling region) name the file's line
+            actor=args.actor,
+        )
     console.print(f"created {result.created}, updated {result.updated}")
     return 0
 
@@ -108,8 +119,10 @@ async def _person_status(ctx: WalletContext, args: argparse.Namespace) -> int:
 async def _credits_post(ctx: WalletContext, args: argparse.Namespace) -> int:
     from wallet import credits
 
-    rows = credits.parse_credit_file(Path(args.file))
-    result = await credits.post_batch(ctx, args.batch_id, args.month, rows)
+    found = credits.read_credit_file(Path(args.file))
+    result = await credits.post_batch(
+        ctx, args.batch_id, args.month, found.rows, lines=found.lines, actor=args.actor
+    )
     verb = "posted" if result.created else "already posted (identical batch)"
     console.print(
         f"batch {result.batch_id} {verb}: {result.row_count} credits, {_yuan(result.total_fen)}"
@@ -371,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     roster = sub.add_parser("roster").add_subparsers(dest="action", required=True)
     imp = roster.add_parser("import", help="import insured persons from CSV or JSON")
     imp.add_argument("file")
+    imp.add_argument("--actor", default="operator-cli")
     imp.set_defaults(run=_with_ctx(_roster_import))
 
     person = sub.add_parser("person").add_subparsers(dest="action", required=True)
@@ -385,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     post.add_argument("file")
     post.add_argument("--batch-id", required=True)
     post.add_argument("--month", required=True, help="YYYY-MM")
+    post.add_argument("--actor", default="operator-cli")
     post.set_defaults(run=_with_ctx(_credits_post))
 
     inst = sub.add_parser("institution").add_subparsers(dest="action", required=True)
@@ -458,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     grants_cmd.add_parser("in-doubt", help="grants an operator should look at").set_defaults(
         run=_with_ctx(_grants_in_doubt)
     )
+    console_ops.register(sub, grants_cmd, _with_ctx)  # grants resolve, audit list
     receipt = sub.add_parser("receipt", help="grant receipts").add_subparsers(
         dest="action", required=True
     )
@@ -477,6 +493,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         err_console.print(f"[red]settings:[/red] {exc}")
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    # One request id per command: its log lines and audit events carry it.
+    structlog.contextvars.bind_contextvars(request_id=f"cli-{uuid.uuid4().hex[:16]}")
     run: Command = args.run
     try:
         return asyncio.run(run(args, settings))

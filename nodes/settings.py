@@ -39,6 +39,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     port: int = 8013
     # Operators authenticate with this bearer token on /operator/v1 (empty disables the API).
     operator_token: str = ""
+    # Bearer token for /metrics only (so Prometheus never holds the operator token); the
+    # operator token is accepted too. Empty: only the operator token may scrape.
+    metrics_token: str = ""
     # Where one-time passwords go: "log" (development: the code is logged) or "none".
     otp_sender: Literal["log", "none"] = "log"
     log_format: Literal["json", "console"] = "json"

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from wallet import metrics
 from wallet.context import WalletContext
 from wallet.plt import clearing, grants, statements, transport
 
@@ -119,12 +120,15 @@ class WorkerSet:
             try:
                 result = await worker.run_once(self._ctx)
                 failures = 0
+                outcome = "work" if result else "idle"
+                metrics.COUNTERS.inc(metrics.WORKER_RUNS, worker=worker.name, outcome=outcome)
                 if result:
                     await asyncio.sleep(0)  # let the node breathe between busy passes
                     continue
                 pause = worker.interval_s
             except Exception as exc:  # a failing pass is retried, never fatal to the node
                 failures += 1
+                metrics.COUNTERS.inc(metrics.WORKER_RUNS, worker=worker.name, outcome="error")
                 pause = min(FAILURE_PAUSE_S_MAX, FAILURE_PAUSE_S_MIN * 2 ** (failures - 1))
                 log.error(
                     "worker_pass_failed",

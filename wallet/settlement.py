@@ -40,6 +40,7 @@ from typing import Literal
 import asyncpg
 import msgspec
 
+from wallet import audit
 from wallet.context import WalletContext
 from wallet.credentials import digest, new_numeric_code
 from wallet.errors import ErrorCode, WalletError
@@ -445,6 +446,22 @@ async def _settle_new(
         except asyncpg.UniqueViolationError as exc:
             raise _ReferenceTaken from exc
         await _record_sources(conn, settlement_id, institution.account_id, category, plan)
+        await audit.record(
+            conn,
+            at=now,
+            actor=f"institution:{institution.institution_id}",
+            action="settlement.charge",
+            subject=f"settlement:{settlement_id}",
+            reference=reference,
+            patient=f"person:{patient_id}",
+            category=category,
+            requested_fen=amount_fen,
+            amount_fen=covered_fen,
+            sources=[
+                {"source": c.source, "account_id": c.account_id, "amount_fen": take}
+                for c, take in plan
+            ],
+        )
         return await _settlement_view(conn, settlement_id)
 
 
@@ -683,6 +700,17 @@ async def _refund_new(
             )
             # A quota closed since the payment holds nothing: the refund moves on home.
             await quota.release_refund_to_closed_quota(conn, source.account_id, take, now)
+        await audit.record(
+            conn,
+            at=now,
+            actor=f"institution:{institution.institution_id}",
+            action="settlement.refund",
+            subject=f"settlement:{settlement_id}",
+            reference=reference,
+            refund_id=refund_id,
+            amount_fen=refund_fen,
+            sources=[{"account_id": s.account_id, "amount_fen": take} for s, take in plan],
+        )
         return await _refund_view(conn, refund_id)
 
 

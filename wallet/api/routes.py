@@ -11,6 +11,7 @@ from wallet.api.app_relationships import AppRelationshipsController
 from wallet.api.app_wallet import AppWalletController
 from wallet.api.institution import InstitutionSettlementsController
 from wallet.api.operator_clearing import OperatorClearingController
+from wallet.api.operator_grants import OperatorGrantsController
 from wallet.api.operator_institutions import (
     OperatorInstitutionsController,
     OperatorRelationshipsController,
@@ -28,6 +29,7 @@ ROUTE_HANDLERS: list[Any] = [
     InstitutionSettlementsController,
     OperatorInstitutionsController,
     OperatorRelationshipsController,
+    OperatorGrantsController,
     AppGrantsController,
     AppCrossRelationshipsController,
     PltController,

@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import structlog
+
 from protocol.messages import Body, MessageType
 from wallet.context import WalletContext
 
@@ -57,9 +59,21 @@ def handles(*typs: MessageType) -> Callable[[Handler], Handler]:
     return register
 
 
+_LOGGED_IDS = ("transfer_id", "relation_id", "release_id")
+
+
 async def dispatch(ctx: WalletContext, message: Incoming) -> Body | None:
-    """Hand a verified message to its feature; raise NoHandler if none is registered."""
+    """Hand a verified message to its feature; raise NoHandler if none is registered.
+
+    Every log line the handler writes carries this node's id, the sender and what the
+    message is about (`transfer_id`, `relation_id` or `release_id`), so one grant can be
+    followed across both nodes' logs.
+    """
     handler = _HANDLERS.get(message.typ)
     if handler is None:
         raise NoHandler(message.typ)
-    return await handler(ctx, message)
+    ids = {k: v for k in _LOGGED_IDS if isinstance(v := getattr(message.body, k, None), str)}
+    with structlog.contextvars.bound_contextvars(
+        node=ctx.node_id, peer=message.from_node, plt_typ=message.typ.value, **ids
+    ):
+        return await handler(ctx, message)

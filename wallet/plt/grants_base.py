@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from typing import TypeVar
 
 import asyncpg
@@ -60,6 +61,12 @@ def decode(typ: str | MessageType | None, raw: bytes | None) -> Body | None:
     return decode_body(MessageType(typ), bytes(raw))
 
 
+def grant_log_context(node: str, transfer_id: str) -> AbstractContextManager[None]:
+    """Bind the node and the transfer id to every log line written inside (structlog
+    contextvars): how one grant is followed across both nodes' logs."""
+    return structlog.contextvars.bound_contextvars(node=node, transfer_id=transfer_id)
+
+
 async def raise_alert(
     conn: asyncpg.Connection, alert: Alert, *, at: dt.datetime, subject: str, node: str
 ) -> None:
@@ -76,6 +83,37 @@ async def raise_alert(
         subject=subject,
         request_id=None,
         detail=alert.detail,
+    )
+
+
+async def audit_money(
+    conn: asyncpg.Connection,
+    *,
+    at: dt.datetime,
+    action: str,
+    transfer_id: str,
+    side: str,
+    amount_fen: int,
+    actor: str = "plt",
+    **detail: object,
+) -> None:
+    """One money movement of a grant in the audit trail, in the step's transaction.
+
+    `action`: grant.hold (A: the giver's amount; B: the pending quota), grant.commit (hold
+    posted), grant.abort (hold voided), grant.release (B: unused quota back to clearing;
+    A: back to the giver). The actor is `plt` (the protocol, on a peer's signed message or
+    a worker), a person (`person:<id>`, an instruction) or the resolving operator.
+    """
+    await audit.record(
+        conn,
+        at=at,
+        actor=actor,
+        action=action,
+        subject=f"grant:{transfer_id}",
+        request_id=None,
+        side=side,
+        amount_fen=amount_fen,
+        **detail,
     )
 
 

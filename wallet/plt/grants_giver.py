@@ -89,9 +89,11 @@ from wallet.plt.grants_base import (
     PURPOSE_GRANT_RETURNED,
     PURPOSE_QUOTA_RELEASED,
     LostRace,
+    audit_money,
     decode,
     encode,
     from_ms,
+    grant_log_context,
     log,
     raise_alert,
     retry_lost_races,
@@ -329,6 +331,18 @@ async def _apply(
                     await ledger.post_hold(conn, row["hold_id"], PURPOSE_GRANT)
                 else:
                     await ledger.void_hold(conn, row["hold_id"], PURPOSE_GRANT_RETURNED)
+                await audit_money(
+                    conn,
+                    at=now,
+                    action="grant.commit" if isinstance(effect, PostHold) else "grant.abort",
+                    transfer_id=subject,
+                    side="giver",
+                    amount_fen=row["amount_fen"],
+                    peer=row["to_node"],
+                    code=None
+                    if new is None or new.decision is None or new.decision.reason is None
+                    else int(new.decision.reason.code),
+                )
             case Send():
                 await outbox.enqueue(
                     conn,
@@ -358,6 +372,16 @@ async def _apply(
     if row is not None and new is not None and new != old:
         await _save(conn, row, new, now)
     return reply
+
+
+async def lock_grant(conn: asyncpg.Connection, transfer_id: str) -> asyncpg.Record | None:
+    """The grant_out row locked FOR UPDATE, for a step driven from outside this module (the
+    operator's resolution, `wallet.plt.resolution`), which then calls `apply_step`."""
+    row: asyncpg.Record | None = await conn.fetchrow(_LOAD_FOR_UPDATE, transfer_id)
+    return row
+
+
+apply_step = _apply  # execute a step's effects and save the row, in the caller's transaction
 
 
 # --- the giver's instruction -------------------------------------------------------------------
@@ -411,7 +435,8 @@ async def instruct(
             ctx, giver_person_id, transfer_id, relation_id, amount_fen, wanted, verified_at_ms
         )
 
-    row = await retry_lost_races(attempt)
+    with grant_log_context(ctx.node_id, transfer_id):
+        row = await retry_lost_races(attempt)
     if row["state"] == GiverState.REJECTED:
         raise rejection_error(row["transfer_id"], ErrorCode(row["reject_code"]))
     return _view(row)
@@ -507,6 +532,17 @@ async def _instruct_once(
                     credit_account_id=due_to,
                     amount_fen=effect.amount_fen,
                     purpose=PURPOSE_GRANT,
+                )
+                await audit_money(
+                    conn,
+                    at=now,
+                    action="grant.hold",
+                    transfer_id=transfer_id,
+                    side="giver",
+                    amount_fen=effect.amount_fen,
+                    actor=f"person:{giver_person_id}",
+                    peer=relation.receiver_node,
+                    relation_id=relation_id,
                 )
         inserted = await conn.fetchval(
             _INSERT,
@@ -699,7 +735,8 @@ async def sweep_once(ctx: WalletContext, batch: int = SWEEP_BATCH) -> int:
         for row in rows:
             old = machine(row)
             new, effects = giver.step(old, giver.Sweep(now_ms=now_ms))
-            await _apply(ctx, conn, row, old, new, effects, now, subject=row["transfer_id"])
+            with grant_log_context(ctx.node_id, row["transfer_id"]):
+                await _apply(ctx, conn, row, old, new, effects, now, subject=row["transfer_id"])
     log.info("grants_expired", count=len(rows))
     return len(rows)
 
@@ -836,6 +873,17 @@ async def _apply_release(
                 purpose=PURPOSE_QUOTA_RELEASED,
             )
             returned += delta
+            await audit_money(
+                conn,
+                at=now,
+                action="grant.release",
+                transfer_id=row["transfer_id"],
+                side="giver",
+                amount_fen=delta,
+                peer=msg.from_node,
+                release_id=release.release_id,
+                released_fen=cumulative,
+            )
             log.info("grant_released", transfer_id=row["transfer_id"], returned_fen=delta)
         reply = _release_reply(release, msg, now, None, None)
     else:

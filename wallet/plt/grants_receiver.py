@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import msgspec
@@ -78,9 +79,11 @@ from wallet.plt.grants_base import (
     PURPOSE_QUOTA,
     PURPOSE_QUOTA_RETURNED,
     LostRace,
+    audit_money,
     decode,
     encode,
     from_ms,
+    grant_log_context,
     log,
     raise_alert,
     retry_lost_races,
@@ -92,6 +95,10 @@ RESOLVE_BATCH = 4 * BATCH_MAX  # rows per resolver run; STATUS_REQs carry BATCH_
 STATUS_REQ_GIVE_UP_MS = 60_000  # the resolver asks again on its own schedule anyway
 MAX_LISTED = 500
 _IN_DOUBT = ("PENDING_ACCEPT", "ACCEPTED", "DECLINED_PENDING")
+
+AppliedHook = Callable[
+    [asyncpg.Connection, ReceiverTransfer | None, ReceiverTransfer | None], Awaitable[None]
+]
 
 # --- statements ------------------------------------------------------------------------------
 
@@ -321,11 +328,19 @@ async def _apply(
                 assert row is not None
                 await ledger.post_hold(conn, row["hold_id"], PURPOSE_QUOTA)
                 await quota.activate_quota(conn, row["quota_account_id"], now)
+                await audit_money(
+                    conn, at=now, action="grant.commit", transfer_id=subject, side="receiver",
+                    amount_fen=row["amount_fen"], peer=row["from_node"],
+                )  # fmt: skip
                 posted = True
             case VoidHold():
                 assert row is not None
                 await ledger.void_hold(conn, row["hold_id"], PURPOSE_QUOTA_RETURNED)
                 await quota.void_quota(conn, row["quota_account_id"])
+                await audit_money(
+                    conn, at=now, action="grant.abort", transfer_id=subject, side="receiver",
+                    amount_fen=row["amount_fen"], peer=row["from_node"],
+                )  # fmt: skip
             case Send():
                 await outbox.enqueue(
                     conn,
@@ -432,6 +447,11 @@ async def _prepare_once(
             account_id, hold_id = await quota.open_pending_quota(
                 conn, from_node=msg.from_node, transfer_id=tid, amount_fen=effect.amount_fen
             )
+            await audit_money(
+                conn, at=now, action="grant.hold", transfer_id=tid, side="receiver",
+                amount_fen=effect.amount_fen, peer=msg.from_node,
+                relation_id=prepare.relation.relation_id,
+            )  # fmt: skip
     received = new.prepare_reply
     inserted = await conn.fetchval(
         _INSERT,
@@ -516,9 +536,17 @@ async def on_decision(ctx: WalletContext, msg: Incoming) -> Body | None:
 
 
 async def apply_decision(
-    ctx: WalletContext, from_node: str, decision: Decision, decision_hash: str
+    ctx: WalletContext,
+    from_node: str,
+    decision: Decision,
+    decision_hash: str,
+    *,
+    on_applied: AppliedHook | None = None,
 ) -> Body | None:
-    """Step B's machine with a verified DECISION; return the ACK (or ERROR) to answer with."""
+    """Step B's machine with a verified DECISION; return the ACK (or ERROR) to answer with.
+
+    `on_applied(conn, old, new)` runs inside the step's transaction (an operator's audit
+    record commits with the change it records)."""
 
     async def attempt() -> Body | None:
         now = ctx.clock.now()
@@ -537,6 +565,8 @@ async def apply_decision(
             reply = await _apply(
                 ctx, conn, row, old, new, effects, now, subject=decision.transfer_id
             )
+            if on_applied is not None:
+                await on_applied(conn, old, new)
         if new is not None and (old is None or new.state != old.state):
             log.info(
                 "grant_decided_at_receiver",
@@ -593,38 +623,43 @@ async def on_status(ctx: WalletContext, msg: Incoming) -> Body | None:
         decision: Decision | None = None
         decision_hash: str | None = None
         if item.decision is not None:
-            try:
-                opened = await open_peer_envelope(ctx, item.decision)
-            except ProtocolError as exc:
+            verified = await verified_decision(ctx, msg.from_node, item.transfer_id, item.decision)
+            if isinstance(verified, str):
                 log.error(
                     "grant_status_decision_unverified",
                     transfer_id=item.transfer_id,
                     from_node=msg.from_node,
-                    error=exc.message,
+                    error=verified,
                 )
                 continue
-            env = opened.envelope
-            body = opened.body
-            if (
-                env.typ is not MessageType.DECISION
-                or env.from_node != msg.from_node
-                or not isinstance(body, Decision)
-                or body.transfer_id != item.transfer_id
-            ):
-                log.error(
-                    "grant_status_decision_mismatch",
-                    transfer_id=item.transfer_id,
-                    from_node=msg.from_node,
-                )
-                continue
-            decision, decision_hash = body, body_hash(env.body)
+            decision, decision_hash = verified
         now_ms = to_ms(ctx.clock.now())
         event = receiver.event_for_status(msg.from_node, item, decision, decision_hash, now_ms)
-        if isinstance(event, receiver.DecisionArrived):
-            await apply_decision(ctx, msg.from_node, event.decision, event.decision_hash)
-        elif isinstance(event, receiver.PresumedAbort):
-            await _step_existing(ctx, msg.from_node, item.transfer_id, event)
+        with grant_log_context(ctx.node_id, item.transfer_id):
+            if isinstance(event, receiver.DecisionArrived):
+                await apply_decision(ctx, msg.from_node, event.decision, event.decision_hash)
+            elif isinstance(event, receiver.PresumedAbort):
+                await step_existing(ctx, msg.from_node, item.transfer_id, event)
     return None
+
+
+async def verified_decision(
+    ctx: WalletContext, from_node: str, transfer_id: str, raw: bytes
+) -> tuple[Decision, str] | str:
+    """A DECISION envelope `from_node` signed for us about `transfer_id`: (body, body hash),
+    or why it is not one (a STATUS item's decision, or evidence an operator hands in)."""
+    try:
+        opened = await open_peer_envelope(ctx, raw)
+    except ProtocolError as exc:
+        return exc.message
+    env, body = opened.envelope, opened.body
+    if env.typ is not MessageType.DECISION or not isinstance(body, Decision):
+        return f"the envelope is a {env.typ}, not a DECISION"
+    if env.from_node != from_node:
+        return f"the DECISION is signed by {env.from_node}, not by {from_node}"
+    if body.transfer_id != transfer_id:
+        return f"the DECISION is about {body.transfer_id}, not {transfer_id}"
+    return body, body_hash(env.body)
 
 
 async def _status_request_answered(ctx: WalletContext, peer: str, status: Status) -> None:
@@ -641,8 +676,13 @@ async def _status_request_answered(ctx: WalletContext, peer: str, status: Status
             )
 
 
-async def _step_existing(
-    ctx: WalletContext, from_node: str, transfer_id: str, event: receiver.ReceiverEvent
+async def step_existing(
+    ctx: WalletContext,
+    from_node: str,
+    transfer_id: str,
+    event: receiver.ReceiverEvent,
+    *,
+    on_applied: AppliedHook | None = None,
 ) -> Body | None:
     """Step an existing row with an event that never creates one."""
     now = ctx.clock.now()
@@ -652,7 +692,10 @@ async def _step_existing(
             return None
         old = machine(row)
         new, effects = receiver.step(old, event)
-        return await _apply(ctx, conn, row, old, new, effects, now, subject=transfer_id)
+        reply = await _apply(ctx, conn, row, old, new, effects, now, subject=transfer_id)
+        if on_applied is not None:
+            await on_applied(conn, old, new)
+        return reply
 
 
 async def resolve_once(ctx: WalletContext, limit: int = RESOLVE_BATCH) -> int:
@@ -672,13 +715,14 @@ async def resolve_once(ctx: WalletContext, limit: int = RESOLVE_BATCH) -> int:
                 if isinstance(effect, QueryPeer):
                     asked[effect.to_node].append(effect.transfer_id)
                 elif isinstance(effect, Alert):
-                    await raise_alert(
-                        conn,
-                        effect,
-                        at=now,
-                        subject=f"grant:{row['transfer_id']}",
-                        node=ctx.node_id,
-                    )
+                    with grant_log_context(ctx.node_id, row["transfer_id"]):
+                        await raise_alert(
+                            conn,
+                            effect,
+                            at=now,
+                            subject=f"grant:{row['transfer_id']}",
+                            node=ctx.node_id,
+                        )
             delay_ms = resolver_delay_ms(row["status_attempts"])
             await conn.execute(
                 _RESCHEDULE, row["from_node"], row["transfer_id"], from_ms(now_ms + delay_ms)
@@ -723,7 +767,10 @@ async def accept(
     """The receiver accepts (payment password): B sends a binding ACCEPT to the giver node."""
     from_node = await _locate(ctx, person_id, transfer_id)
     await verify_payment_password(ctx, person_id, payment_password)
-    return await _receiver_answers(ctx, from_node, transfer_id, accepts=True, person_id=person_id)
+    with grant_log_context(ctx.node_id, transfer_id):
+        return await _receiver_answers(
+            ctx, from_node, transfer_id, accepts=True, person_id=person_id
+        )
 
 
 async def decline(
@@ -732,7 +779,10 @@ async def decline(
     """The receiver declines (payment password): B sends DECLINE; the hold waits for A."""
     from_node = await _locate(ctx, person_id, transfer_id)
     await verify_payment_password(ctx, person_id, payment_password)
-    return await _receiver_answers(ctx, from_node, transfer_id, accepts=False, person_id=person_id)
+    with grant_log_context(ctx.node_id, transfer_id):
+        return await _receiver_answers(
+            ctx, from_node, transfer_id, accepts=False, person_id=person_id
+        )
 
 
 async def _receiver_answers(

@@ -46,7 +46,14 @@ from protocol.messages import (
 from wallet import ledger
 from wallet.context import WalletContext
 from wallet.plt import outbox, relations
-from wallet.plt.grants_base import PURPOSE_QUOTA, PURPOSE_QUOTA_RELEASED, log, raise_alert, to_ms
+from wallet.plt.grants_base import (
+    PURPOSE_QUOTA,
+    PURPOSE_QUOTA_RELEASED,
+    audit_money,
+    log,
+    raise_alert,
+    to_ms,
+)
 from wallet.rules import DeductionStrategy
 
 CLEARING_SLOTS = 16
@@ -282,6 +289,11 @@ async def close_quotas_of_relation(
             )
         if await conn.fetchval(_CLOSE_QUOTA, r["account_id"], now, unused) is None:
             raise AssertionError(f"quota {r['account_id']} changed under its lock")
+        await audit_money(
+            conn, at=now, action="grant.release", transfer_id=r["transfer_id"],
+            side="receiver", amount_fen=unused, peer=from_node, relation_id=relation_id,
+            used_fen=r["granted_fen"] - unused,
+        )  # fmt: skip
         released.append(
             ReleasedGrant(
                 transfer_id=r["transfer_id"],
@@ -380,6 +392,10 @@ async def release_refund_to_closed_quota(
         grants=[grant],
         now=now,
     )
+    await audit_money(
+        conn, at=now, action="grant.release", transfer_id=grant.transfer_id, side="receiver",
+        amount_fen=amount_fen, peer=updated["from_node"], released_fen=released, refund=True,
+    )  # fmt: skip
     log.info("quota_refund_released", transfer_id=grant.transfer_id, amount_fen=amount_fen)
     return True
 
