@@ -3,13 +3,13 @@
 1. Keys: `data_dir/<node_id>/keys` is created on first start (as `plt-node keys init`) and
    kept on the node's volume afterwards.
 2. Directory: the node publishes its peer entry (node, URL, root key: public data only) to
-   the exchange folder `PLT_EXCHANGE_DIR`, waits for the entries of `PLT_PEER_NODES`
+   the exchange folder `PROVISION_EXCHANGE_DIR`, waits for the entries of `PROVISION_PEER_NODES`
    (comma-separated node ids) and writes its peers.json and regions.json from them. The
    exchange folder stands in for the operators' out-of-band exchange of root keys; key sets
    are fetched from the peers themselves and verified against the pinned root keys.
 3. Database: waits until `DATABASE_URL` answers, so the node's start does not race it.
 
-Every wait is bounded (`PLT_PROVISION_WAIT_S`, default 120 s); on timeout the container
+Every wait is bounded (`PROVISION_WAIT_S`, default 120 s); on timeout the container
 exits non-zero with the reason.
 """
 
@@ -43,7 +43,7 @@ def say(message: str) -> None:
 
 def main() -> int:
     settings = load_settings()
-    wait_s = float(os.environ.get("PLT_PROVISION_WAIT_S", "120"))
+    wait_s = float(os.environ.get("PROVISION_WAIT_S", "120"))
     deadline = time.monotonic() + wait_s
     keys_dir = settings.plt_keys_dir
     if (keys_dir / "keyset.json").exists():
@@ -51,8 +51,8 @@ def main() -> int:
     else:
         keys = plt_node.init_keys(keys_dir, settings.node_id, time.time_ns() // 1_000_000)
         say(f"created keys for {keys.node_id}")
-    exchange = os.environ.get("PLT_EXCHANGE_DIR", "")
-    peer_nodes = [n for n in os.environ.get("PLT_PEER_NODES", "").split(",") if n.strip()]
+    exchange = os.environ.get("PROVISION_EXCHANGE_DIR", "")
+    peer_nodes = [n for n in os.environ.get("PROVISION_PEER_NODES", "").split(",") if n.strip()]
     if exchange:
         folder = Path(exchange)
         own = Entry(
