@@ -69,8 +69,12 @@ else
 fi
 
 # --- 3. the node ----------------------------------------------------------------------------
-sources=$(git ls-files -co --exclude-standard pyproject.toml wallet protocol nodes migrations containers/node \
-    | LC_ALL=C sort)
+inputs=(pyproject.toml wallet protocol nodes migrations containers/node)
+if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    sources=$(git ls-files -co --exclude-standard "${inputs[@]}" | LC_ALL=C sort)
+else  # not a git checkout (an unpacked archive): every file but caches
+    sources=$(find "${inputs[@]}" -type f -not -path '*/__pycache__/*' | LC_ALL=C sort)
+fi
 node_inputs=$( (echo "$RECIPE $base_id"; for f in $sources; do [ -f "$f" ] && { echo "$f"; cat "$f"; }; done) | digest)
 if [ "$(label_of "$NODE_IMAGE")" = "$node_inputs" ]; then
     log "$NODE_IMAGE is up to date ($node_inputs)"
