@@ -84,17 +84,20 @@ def test_giver_database_stopped_during_a_burst_every_grant_completes(
         wait_offered(receiver, tid)
 
     net.stop_database(HEBEI)
-    during = []
-    for i, (giver, _, relation_id) in enumerate(burst[2:], start=2):
-        response = instruct(giver, relation_id, 10_000 * (i + 1))
-        # Without its database the node refuses with a problem, and holds nothing.
-        assert response.status_code == 503, response.text
-        assert response.headers["content-type"].startswith("application/problem+json")
-        during.append(response.request.content)
-    for (_, receiver, _), tid in zip(burst[:2], before, strict=True):
-        accept(receiver, tid)  # B is up: the ACCEPTs wait in B's outbox for A's database
-    time.sleep(OUTAGE_S)
-    net.start_database(HEBEI)
+    try:
+        during = []
+        for i, (giver, _, relation_id) in enumerate(burst[2:], start=2):
+            response = instruct(giver, relation_id, 10_000 * (i + 1))
+            # Without its database the node refuses with a problem, and holds nothing.
+            assert response.status_code == 503, response.text
+            assert response.headers["content-type"].startswith("application/problem+json")
+            assert response.json()["code"] == "service_unavailable"
+            during.append(response.request.content)
+        for (_, receiver, _), tid in zip(burst[:2], before, strict=True):
+            accept(receiver, tid)  # B is up: the ACCEPTs wait in B's outbox for A's database
+        time.sleep(OUTAGE_S)
+    finally:
+        net.start_database(HEBEI)  # healing, even if an assertion above failed
     net.wait_ready(HEBEI)
 
     after = []
@@ -125,15 +128,15 @@ def test_receiver_cut_off_mid_burst_and_reconnected_every_grant_completes(
         wait_offered(receiver, tid)
 
     net.disconnect_node(SHANGHAI)
-    tids += [grant(g, rel, 5_000) for g, _, rel in burst[2:]]  # PREPAREs cannot leave Hebei
-    for (_, receiver, _), tid in zip(burst[:2], tids[:2], strict=True):
-        accept(receiver, tid)  # ACCEPTs cannot leave Shanghai
-    time.sleep(OUTAGE_S)
-    assert [incoming_state(r, t) for (_, r, _), t in zip(burst[2:], tids[2:], strict=True)] == [
-        None,
-        None,
-    ]
-    net.connect_node(SHANGHAI)
+    try:
+        tids += [grant(g, rel, 5_000) for g, _, rel in burst[2:]]  # PREPAREs cannot leave Hebei
+        for (_, receiver, _), tid in zip(burst[:2], tids[:2], strict=True):
+            accept(receiver, tid)  # ACCEPTs cannot leave Shanghai
+        time.sleep(OUTAGE_S)
+        offered = [incoming_state(r, t) for (_, r, _), t in zip(burst[2:], tids[2:], strict=True)]
+        assert offered == [None, None]
+    finally:
+        net.connect_node(SHANGHAI)  # healing, even if an assertion above failed
 
     for (_, receiver, _), tid in zip(burst[2:], tids[2:], strict=True):
         wait_offered(receiver, tid, timeout_s=90)
