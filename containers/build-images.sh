@@ -12,17 +12,17 @@
 #
 # Each image carries a label `plt.inputs` with a digest of what it was built from; an image
 # whose label matches is kept. Needs root (debootstrap), docker, and Debian's mirror.
-# Settings (environment): PLT_DEBIAN_MIRROR, PLT_DEBIAN_SUITE, PLT_BASE_IMAGE, PLT_PG_IMAGE,
-# PLT_NODE_IMAGE, PLT_PYTHON (the host Python that builds the wheels; default .venv/bin/python).
+# Settings (environment): PLTC_DEBIAN_MIRROR, PLTC_DEBIAN_SUITE, PLTC_BASE_IMAGE, PLTC_PG_IMAGE,
+# PLTC_NODE_IMAGE, PLTC_PYTHON (the host Python that builds the wheels; default .venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-MIRROR=${PLT_DEBIAN_MIRROR:-http://deb.debian.org/debian}
-SUITE=${PLT_DEBIAN_SUITE:-bookworm}
-BASE_IMAGE=${PLT_BASE_IMAGE:-plt-debian:bookworm}
-PG_IMAGE=${PLT_PG_IMAGE:-plt-postgres:15}
-NODE_IMAGE=${PLT_NODE_IMAGE:-plt-node:local}
-PYTHON=${PLT_PYTHON:-.venv/bin/python}
+MIRROR=${PLTC_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+SUITE=${PLTC_DEBIAN_SUITE:-bookworm}
+BASE_IMAGE=${PLTC_BASE_IMAGE:-plt-debian:bookworm}
+PG_IMAGE=${PLTC_PG_IMAGE:-plt-postgres:15}
+NODE_IMAGE=${PLTC_NODE_IMAGE:-plt-node:local}
+PYTHON=${PLTC_PYTHON:-.venv/bin/python}
 CACHE=data/containers
 PACKAGES=python3,python3-venv,ca-certificates,tzdata,procps
 # Change when the recipe below changes in a way the inputs do not show.
@@ -82,7 +82,7 @@ else
     want=$(docker run --rm "$BASE_IMAGE" python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
     have=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
     if [ "$want" != "$have" ]; then
-        log "the image has Python $want but $PYTHON is $have: wheels must match (set PLT_PYTHON)"
+        log "the image has Python $want but $PYTHON is $have: wheels must match (set PLTC_PYTHON)"
         exit 1
     fi
     context="$CACHE/node-context"

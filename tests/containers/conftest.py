@@ -2,9 +2,9 @@
 
 The tier needs a Docker daemon and the images of containers/build-images.sh, which the
 session fixture runs first (it is idempotent and quick when nothing changed; set
-PLT_CONTAINER_BUILD=0 to only use images already built). Where the tier cannot run:
+PLTC_BUILD=0 to only use images already built). Where the tier cannot run:
 
-* in CI (`CI=true`, or `PLT_CONTAINER_TIER=required`) every container test FAILS with the reason;
+* in CI (`CI=true`, or `PLTC_TIER=required`) every container test FAILS with the reason;
 * elsewhere (a laptop without Docker) every container test is SKIPPED with the reason,
   shown in pytest's summary (`-ra`).
 """
@@ -28,7 +28,7 @@ def tier_required() -> bool:
     """In CI the container tier must run: a missing Docker is a failure, not a skip."""
     return (
         os.environ.get("CI", "").lower() in ("true", "1", "yes")
-        or os.environ.get("PLT_CONTAINER_TIER", "") == "required"
+        or os.environ.get("PLTC_TIER", "") == "required"
     )
 
 
@@ -41,7 +41,7 @@ def _unavailable() -> str | None:
         client.ping()
     except Exception as exc:
         return f"no Docker daemon answers ({exc.__class__.__name__}: {exc})"
-    if os.environ.get("PLT_CONTAINER_BUILD", "1") != "0":
+    if os.environ.get("PLTC_BUILD", "1") != "0":
         try:
             result = subprocess.run(
                 ["bash", str(ROOT / "containers" / "build-images.sh")],

@@ -36,8 +36,8 @@ from testcontainers.core.container import DockerContainer
 
 from nodes.checker import NetworkCheck, check_network
 
-NODE_IMAGE = os.environ.get("PLT_NODE_IMAGE", "plt-node:local")
-PG_IMAGE = os.environ.get("PLT_PG_IMAGE", "plt-postgres:15")
+NODE_IMAGE = os.environ.get("PLTC_NODE_IMAGE", "plt-node:local")
+PG_IMAGE = os.environ.get("PLTC_PG_IMAGE", "plt-postgres:15")
 OPERATOR_TOKEN = "op-container-token"
 OPERATOR = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
 PG_USER, PG_PASSWORD, PG_DB = "plt", "plt-container-pw", "plt"

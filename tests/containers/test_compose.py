@@ -59,15 +59,15 @@ class ComposeProject:
         self.ports = {p.node_id: _free_port() for p in PROVINCES}
         self.pg_ports = {p.node_id: _free_port() for p in PROVINCES}
         self.env = {
-            "PLT_NODE_IMAGE": NODE_IMAGE,
-            "PLT_PG_IMAGE": PG_IMAGE,
-            "PLT_OPERATOR_TOKEN": "op-container-token",
-            "PLT_PG_PASSWORD": "plt-container-pw",
-            "PLT_GRANT_BLACKOUT_START_HOUR": "0",
-            "PLT_GRANT_BLACKOUT_END_HOUR": "0",
-            "PLT_GRANT_EXPIRY_HOUR": str(far_expiry_hour()),
-            **{f"PLT_PORT_{p.short}": str(self.ports[p.node_id]) for p in PROVINCES},
-            **{f"PLT_PG_PORT_{p.short}": str(self.pg_ports[p.node_id]) for p in PROVINCES},
+            "PLTC_NODE_IMAGE": NODE_IMAGE,
+            "PLTC_PG_IMAGE": PG_IMAGE,
+            "PLTC_OPERATOR_TOKEN": "op-container-token",
+            "PLTC_PG_PASSWORD": "plt-container-pw",
+            "PLTC_GRANT_BLACKOUT_START_HOUR": "0",
+            "PLTC_GRANT_BLACKOUT_END_HOUR": "0",
+            "PLTC_GRANT_EXPIRY_HOUR": str(far_expiry_hour()),
+            **{f"PLTC_PORT_{p.short}": str(self.ports[p.node_id]) for p in PROVINCES},
+            **{f"PLTC_PG_PORT_{p.short}": str(self.pg_ports[p.node_id]) for p in PROVINCES},
         }
         self.base = [*command, "-p", self.name, "-f", str(ROOT / "docker-compose.yml")]
 
