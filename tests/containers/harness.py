@@ -120,8 +120,9 @@ class Box:
     """One province: its node container and its database container."""
 
     province: Province
-    node: DockerContainer
-    pg: DockerContainer
+    # testcontainers' DockerContainer; for the compose test, anything with get_logs().
+    node: Any
+    pg: Any
     node_port: int
     pg_port: int
 
@@ -210,7 +211,7 @@ class ContainerNetwork:
             self.wait_database(box.node_id)
         for box in self.boxes.values():
             box.node.start()
-            self._link(box.node_id).connect(
+            self._link.connect(
                 box.node.get_wrapped_container(), aliases=[f"node-{box.province.short}"]
             )
         for box in self.boxes.values():
@@ -226,7 +227,9 @@ class ContainerNetwork:
             "labels": {"plt.test": self.tag},
         }
 
-    def _link(self, node_id: str) -> Any:
+    @property
+    def _link(self) -> Any:
+        """The network the nodes meet on (made first)."""
         return self._networks[0]
 
     def close(self, *, keep_logs_as: str | None = None) -> None:
@@ -315,13 +318,11 @@ class ContainerNetwork:
 
     def disconnect_node(self, node_id: str) -> None:
         """Cut the node off from every other province (it keeps its own database)."""
-        self._link(node_id).disconnect(self.boxes[node_id].node.get_wrapped_container())
+        self._link.disconnect(self.boxes[node_id].node.get_wrapped_container())
 
     def connect_node(self, node_id: str) -> None:
         box = self.boxes[node_id]
-        self._link(node_id).connect(
-            box.node.get_wrapped_container(), aliases=[f"node-{box.province.short}"]
-        )
+        self._link.connect(box.node.get_wrapped_container(), aliases=[f"node-{box.province.short}"])
         self.healed_at = time.monotonic()
 
     # -- reading --

@@ -118,8 +118,8 @@ def test_compose_brings_up_three_provinces_and_a_grant_commits(compose: ComposeP
     for province in PROVINCES:
         net.boxes[province.node_id] = Box(
             province,
-            node=_ComposeContainer(compose, f"node-{province.short}"),  # type: ignore[arg-type]
-            pg=_ComposeContainer(compose, f"pg-{province.short}"),  # type: ignore[arg-type]
+            node=_ComposeContainer(compose, f"node-{province.short}"),
+            pg=_ComposeContainer(compose, f"pg-{province.short}"),
             node_port=compose.ports[province.node_id],
             pg_port=compose.pg_ports[province.node_id],
         )
