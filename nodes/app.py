@@ -5,6 +5,7 @@ Nothing happens at import time; the database is opened (and migrated) in the lif
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -52,7 +53,7 @@ async def open_context(
             otp_sender=otp_sender
             or (LogOtpSender() if settings.otp_sender == "log" else NoOtpSender()),
             rules=settings.rules,
-            clock=clock or SystemClock(),
+            clock=clock or system_clock(settings),
         )
         if scrypt_n is not None:
             ctx.scrypt_n = scrypt_n
@@ -62,6 +63,13 @@ async def open_context(
         finally:
             if plt is not None:
                 await plt.aclose()
+
+
+def system_clock(settings: Settings) -> SystemClock:
+    """The machine's clock, shifted by `clock_offset_s` (drills and tests; logged loudly)."""
+    if settings.clock_offset_s:
+        log.warning("clock_offset", offset_s=settings.clock_offset_s)
+    return SystemClock(dt.timedelta(seconds=settings.clock_offset_s))
 
 
 def load_plt(settings: Settings) -> PltNode | None:

@@ -368,6 +368,28 @@ async def cmd_receipt_verify(args: argparse.Namespace, settings: Settings) -> in
     return 0 if verdict.valid else 1
 
 
+async def cmd_check_network(args: argparse.Namespace, settings: Settings) -> int:
+    """Read every province's database (one --db NODE=DSN each) and check them together."""
+    from nodes.checker import check_network, describe
+
+    dsns: dict[str, str] = {}
+    for item in args.db:
+        node, sep, dsn = item.partition("=")
+        if not sep or not node or not dsn:
+            err_console.print(f"[red]--db:[/red] expected NODE=DSN, got {escape(item)}")
+            return 2
+        dsns[node] = dsn
+    check = await check_network(dsns, at_rest=not args.in_flight)
+    table = Table("check", "value")
+    for name, value in describe(check):
+        table.add_row(name, value)
+    console.print(table)
+    for problem in check.problems:
+        console.print(f"[red]-[/red] {escape(problem)}")
+    console.print("[green]CONSISTENT[/green]" if check.ok else "[red]NOT CONSISTENT[/red]")
+    return 0 if check.ok else 1
+
+
 def _yuan(fen: int) -> str:
     return f"¥{fen // 100:,}.{fen % 100:02d}"
 
@@ -481,6 +503,18 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("file", help="the receipt JSON (GET /app/v1/grants/{id}/receipt)")
     verify.add_argument("--peers", help="peers.json with the pinned root keys to trust")
     verify.set_defaults(run=cmd_receipt_verify)
+    check = sub.add_parser("check-network", help="bank-style check over every province's database")
+    check.add_argument(
+        "--db",
+        action="append",
+        required=True,
+        metavar="NODE=DSN",
+        help="e.g. prov-13=postgresql://...",
+    )
+    check.add_argument(
+        "--in-flight", action="store_true", help="traffic may be moving: skip the at-rest checks"
+    )
+    check.set_defaults(run=cmd_check_network)
     console_clearing.register(sub, _with_ctx)  # statements, reconcile, clearing
     return parser
 

@@ -57,6 +57,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     # Background workers (outbox sender, key set refresh, grant sweeper and resolver).
     # Tests that drive the sender themselves (`transport.run_once`) turn them off.
     workers_enabled: bool = True
+    # Shifts this node's clock by this many seconds (drills and container tests only: stand
+    # a node just before its grant deadline). Production nodes leave it at 0.
+    clock_offset_s: float = 0.0
 
     @property
     def embedded_data_dir(self) -> Path:

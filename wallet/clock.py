@@ -17,8 +17,14 @@ class Clock(Protocol):
 
 
 class SystemClock:
+    """The machine's clock, optionally shifted by `offset` (drills and container tests only:
+    the node setting `clock_offset_s` puts one node minutes before a deadline)."""
+
+    def __init__(self, offset: dt.timedelta = dt.timedelta(0)) -> None:
+        self.offset = offset
+
     def now(self) -> dt.datetime:
-        return dt.datetime.now(dt.UTC)
+        return dt.datetime.now(dt.UTC) + self.offset
 
 
 class ManualClock:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import msgspec
 import pytest
 
+from nodes.checker import check_network
 from nodes.network import DEFAULT_PROVINCES, LocalNetwork
 from protocol.messages import statement_bucket
 from tests.conftest import TEMPLATE_DB, TEST_SCRYPT_N
@@ -189,6 +190,9 @@ async def test_a_month_reconciles_a_corrupted_row_is_found_and_the_clearing_agre
         async with node.ctx.pool.acquire() as conn:
             books = await ledger.check_books(conn)
         assert books.balanced, (node.node_id, books)
+    # The network checker agrees: payables mirror receivables, no fen created or lost.
+    dsns = {n: net[n].database_url for n in net.nodes}
+    assert (await check_network(dsns)).problems == []
 
     # A month is cleared once.
     lines_before = await shanghai.ctx.pool.fetchval("SELECT count(*) FROM clearing_receivable")
@@ -219,3 +223,4 @@ async def test_a_month_reconciles_a_corrupted_row_is_found_and_the_clearing_agre
     assert april[SICHUAN].pairs == (even,)
     assert await hebei.ctx.pool.fetchval(_ACCOUNT, f"payable:{SHANGHAI}") == 145_000
     assert await shanghai.ctx.pool.fetchval(_ACCOUNT, f"receivable:{HEBEI}") == -145_000
+    assert (await check_network(dsns)).problems == []

@@ -11,6 +11,7 @@ import re
 import uuid
 from typing import Any
 
+import asyncpg
 import structlog
 from litestar import Request, Response
 from litestar.enums import ScopeType
@@ -82,9 +83,34 @@ def http_error_handler(
     return _problem(request, code, str(exc.detail))
 
 
+# The database is out of reach (stopped, restarting, its name unresolvable, the connection
+# cut): the node is unavailable, not broken. Nothing was written; the client may retry.
+_DATABASE_UNAVAILABLE = (
+    OSError,  # refused, reset, unknown host, timed out
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.ConnectionDoesNotExistError,
+)
+DATABASE_RETRY_AFTER_S = 5
+
+
+def _database_unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_database_unavailable(inner) for inner in exc.exceptions)
+    return isinstance(exc, _DATABASE_UNAVAILABLE)
+
+
 def internal_error_handler(
     request: Request[Any, Any, Any], exc: Exception
 ) -> Response[dict[str, Any]]:
+    if _database_unavailable(exc):
+        log.warning("database_unavailable", path=request.url.path, error=repr(exc))
+        response = _problem(
+            request, ErrorCode.SERVICE_UNAVAILABLE, "the database is unavailable; retry later"
+        )
+        response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER_S)
+        return response
     log.error("unhandled_error", path=request.url.path, error=repr(exc), exc_info=exc)
     return _problem(
         request,
