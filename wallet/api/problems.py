@@ -84,7 +84,9 @@ def http_error_handler(
 
 
 # The database is out of reach (stopped, restarting, its name unresolvable, the connection
-# cut): the node is unavailable, not broken. Nothing was written; the client may retry.
+# cut): the node is unavailable, not broken. A connection cut during COMMIT leaves the
+# outcome unknown to us, so the answer promises nothing about it: the client sends the same
+# request again (same transfer id or reference), and the idempotent handler tells.
 _DATABASE_UNAVAILABLE = (
     OSError,  # refused, reset, unknown host, timed out
     asyncpg.PostgresConnectionError,
