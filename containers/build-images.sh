@@ -92,7 +92,6 @@ else
     "$PYTHON" -m pip wheel --quiet --wheel-dir "$context/wheels" . 2> >(grep -v '^WARNING: Location' >&2)
     rm -rf build
     cp containers/node/* "$context/"
-    cp -r migrations "$context/migrations"
     log "docker build $NODE_IMAGE"
     docker build --quiet --network none --build-arg "BASE_IMAGE=$BASE_IMAGE" \
         --label "plt.inputs=$node_inputs" -t "$NODE_IMAGE" "$context" >/dev/null

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import asyncpg
 
+# Beside the packages both in a checkout and in an installed wheel (which ships `migrations`
+# as a package of SQL files, see pyproject.toml).
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 _FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 # Any constant works; it only has to be the same for every process of the project.
@@ -37,13 +39,16 @@ class Migration:
 
 
 def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
-    """Read the migration files, refusing stray names and gaps in the numbering."""
+    """Read the migration files, refusing stray names, gaps in the numbering and an empty
+    folder (a node must never start on a schema it could not find)."""
     found: list[Migration] = []
     for path in sorted(directory.glob("*.sql")):
         match = _FILE_NAME.match(path.name)
         if not match:
             raise MigrationError(f"{path.name}: migration files are named NNNN_name.sql")
         found.append(Migration(int(match[1]), match[2], path.read_text(encoding="utf-8")))
+    if not found:
+        raise MigrationError(f"no migrations in {directory}: the installation is incomplete")
     for expected, migration in enumerate(found, start=1):
         if migration.version != expected:
             raise MigrationError(

@@ -63,3 +63,8 @@ def test_stray_file_name_is_refused(tmp_path: Path) -> None:
     _write(tmp_path, "1_init.sql", "SELECT 1;")
     with pytest.raises(MigrationError, match=r"NNNN_name\.sql"):
         discover(tmp_path)
+
+
+def test_an_empty_migrations_folder_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(MigrationError, match="no migrations in"):
+        discover(tmp_path)

@@ -1,0 +1,1 @@
+"""The node's schema as numbered SQL files, applied by `nodes.migrate` (shipped in the wheel)."""
