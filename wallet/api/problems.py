@@ -97,17 +97,48 @@ _DATABASE_UNAVAILABLE = (
 DATABASE_RETRY_AFTER_S = 5
 
 
+# What asyncpg says when a connection broke under an operation, rather than raising one of
+# the errors above: the server was killed mid-transaction (InterfaceError "... connection is
+# closed"), the pool dropped the connection while a handler still held it ("released back to
+# the pool"), or the dying server's FATAL arrived between two statements of a transaction and
+# left the protocol consuming it (InternalClientError "cannot switch to state ...").
+_BROKEN_CONNECTION = re.compile(r"connection is closed|released back to the pool")
+
+
 def _database_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return all(_database_unavailable(inner) for inner in exc.exceptions)
-    return isinstance(exc, _DATABASE_UNAVAILABLE)
+    if isinstance(exc, _DATABASE_UNAVAILABLE):
+        return True
+    return _connection_broke(exc)
+
+
+def _connection_broke(exc: BaseException) -> bool:
+    """asyncpg's own errors (never ours: a bug of ours during an outage stays a 500), followed
+    to a broken connection or to the outage that caused them."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while isinstance(link, asyncpg.InterfaceError | asyncpg.InternalClientError):
+        if isinstance(link, asyncpg.InternalClientError) or _BROKEN_CONNECTION.search(str(link)):
+            return True
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+        if id(link) in seen:
+            return False
+    return isinstance(link, _DATABASE_UNAVAILABLE)
 
 
 def internal_error_handler(
     request: Request[Any, Any, Any], exc: Exception
 ) -> Response[dict[str, Any]]:
     if _database_unavailable(exc):
-        log.warning("database_unavailable", path=request.url.path, error=repr(exc))
+        # asyncpg's client-side errors keep their traceback in the log, should one ever be ours.
+        log.warning(
+            "database_unavailable",
+            path=request.url.path,
+            error=repr(exc),
+            exc_info=exc if _connection_broke(exc) else None,
+        )
         response = _problem(
             request, ErrorCode.SERVICE_UNAVAILABLE, "the database is unavailable; retry later"
         )
