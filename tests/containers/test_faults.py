@@ -1,17 +1,19 @@
 """Faults only separate machines have, each followed by healing and the bank-style checker:
 the receiver's node killed (SIGKILL) after PREPARE and again after ACCEPT; the giver's
-PostgreSQL stopped during a burst of grants; the receiver's node cut off from the other
-provinces mid-burst. Every grant reaches a final state, the same on both sides, and nothing
+PostgreSQL stopped during a burst of grants, and killed under concurrent instructions; the
+receiver's node cut off from the other provinces mid-burst. Every grant reaches a final state, the same on both sides, and nothing
 is left in doubt within the healing timeout."""
 
 from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from nodes.checker import NetworkCheck
+from protocol.ids import uuid7
 from tests.containers.flow import (
     Holder,
     accept,
@@ -144,4 +146,50 @@ def test_receiver_cut_off_mid_burst_and_reconnected_every_grant_completes(
     for (giver, _, _), tid in zip(burst, tids, strict=True):
         assert wait_decided(giver, tid, timeout_s=90) == "COMMITTED"
     assert [balance(g) for g, _, _ in burst] == [95_000] * 4
+    assert_settled(net.wait_consistent(), tids)
+
+
+def test_giver_database_killed_under_concurrent_instructions_nothing_is_lost_or_doubled(
+    provinces: ContainerNetwork,
+) -> None:
+    net = provinces
+    burst = pairs(net, 140, 8)
+    bodies = [
+        {"relation_id": rel, "amount_fen": 1_000 * (i + 1), "transfer_id": uuid7()}
+        for i, (_, _, rel) in enumerate(burst)
+    ]
+
+    def send(i: int) -> int:
+        body = bodies[i]
+        response = instruct(
+            burst[i][0], body["relation_id"], body["amount_fen"], body["transfer_id"]
+        )
+        return response.status_code
+
+    # Eight instructions in flight at once while the giver's PostgreSQL dies (SIGKILL: no
+    # shutdown, crash recovery on start). Each answer is "accepted" or "unavailable, retry";
+    # a connection cut during COMMIT leaves the outcome unknown to the client, never wrong.
+    with ThreadPoolExecutor(max_workers=len(burst)) as pool:
+        answers = pool.map(send, range(len(burst)))
+        time.sleep(0.2)
+        net.boxes[HEBEI].pg.get_wrapped_container().kill(signal="SIGKILL")
+        try:
+            statuses = list(answers)
+        finally:
+            net.start_database(HEBEI)  # healing, even if an answer above failed
+    assert set(statuses) <= {202, 503}, statuses
+    net.wait_ready(HEBEI)
+
+    # The client retries every instruction with its own transfer_id: each is accepted once.
+    for (giver, _, _), body in zip(burst, bodies, strict=True):
+        response = instruct(giver, body["relation_id"], body["amount_fen"], body["transfer_id"])
+        assert response.status_code == 202, response.text
+        assert response.json()["transfer_id"] == body["transfer_id"]
+    tids = [body["transfer_id"] for body in bodies]
+    for (_, receiver, _), tid in zip(burst, tids, strict=True):
+        wait_offered(receiver, tid, timeout_s=90)
+        accept(receiver, tid)
+    for (giver, _, _), tid in zip(burst, tids, strict=True):
+        assert wait_decided(giver, tid, timeout_s=90) == "COMMITTED"
+    assert [balance(g) for g, _, _ in burst] == [100_000 - 1_000 * (i + 1) for i in range(8)]
     assert_settled(net.wait_consistent(), tids)
