@@ -2,7 +2,9 @@
 
 The grant code drives the pure state machines of `protocol.giver` and `protocol.receiver`:
 load a row (locked), `step`, execute every effect and write the new row in ONE local
-transaction (docs/plt-integration.md). This module holds the small pieces both sides use.
+transaction (docs/plt-integration.md). This module holds the small pieces both sides use,
+among them `execute_common_effect`: the effects A and B execute alike (each side's `_apply`
+executes its hold and notification effects itself and hands the rest here).
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from typing import TypeVar
 import asyncpg
 import structlog
 
-from protocol.effects import Alert
+from protocol.effects import Alert, Effect, Send, StopRetries, StoreEvidence
 from protocol.messages import Body, MessageType, decode_body, encode_body
 from wallet import audit
+from wallet.plt import outbox
 
 log = structlog.get_logger("wallet.plt.grants")
 
@@ -84,6 +87,45 @@ async def raise_alert(
         request_id=None,
         detail=alert.detail,
     )
+
+
+async def execute_common_effect(
+    conn: asyncpg.Connection,
+    effect: Effect,
+    now: dt.datetime,
+    *,
+    subject: str,
+    peer: str | None,
+    node: str,
+    side: str,
+) -> None:
+    """Execute one effect that A and B execute alike, in the step's transaction.
+
+    Send: queue the body in the outbox under the transfer id `subject`. StopRetries: the
+    outbox row (`peer`, typ, `subject`) needs no more attempts; `peer` is the grant's other
+    node (None when the step has no row: then StopRetries is a bug). Alert: log it and keep it
+    in the audit trail (`node` is this node). StoreEvidence: nothing (the body is in the row;
+    the envelope is in plt_message). Any other effect is a bug at `side` ("A" or "B").
+    """
+    match effect:
+        case Send():
+            await outbox.enqueue(
+                conn,
+                to_node=effect.to_node,
+                typ=effect.typ,
+                key=subject,
+                body=encode_body(effect.body),
+                now=now,
+            )
+        case StopRetries():
+            assert peer is not None
+            await outbox.stop(conn, to_node=peer, typ=effect.typ, key=subject, now=now)
+        case Alert():
+            await raise_alert(conn, effect, at=now, subject=f"grant:{subject}", node=node)
+        case StoreEvidence():
+            pass
+        case _:
+            raise AssertionError(f"unexpected effect at {side}: {effect!r}")
 
 
 async def audit_money(

@@ -48,8 +48,6 @@ from protocol.effects import (
     Reply,
     ReportStatus,
     Send,
-    StopRetries,
-    StoreEvidence,
     VoidHold,
 )
 from protocol.errors import ErrorClass, ErrorCode
@@ -92,6 +90,7 @@ from wallet.plt.grants_base import (
     audit_money,
     decode,
     encode,
+    execute_common_effect,
     from_ms,
     grant_log_context,
     log,
@@ -323,6 +322,7 @@ async def _apply(
 ) -> Body | None:
     """Execute a step's effects and store the new state; return the Reply body, if any."""
     reply: Body | None = None
+    peer = None if row is None else row["to_node"]  # the receiver's node
     for effect in effects:
         match effect:
             case PostHold() | VoidHold():
@@ -343,32 +343,14 @@ async def _apply(
                     if new is None or new.decision is None or new.decision.reason is None
                     else int(new.decision.reason.code),
                 )
-            case Send():
-                await outbox.enqueue(
-                    conn,
-                    to_node=effect.to_node,
-                    typ=effect.typ,
-                    key=subject,
-                    body=encode_body(effect.body),
-                    now=now,
-                )
-            case StopRetries():
-                assert row is not None
-                await outbox.stop(
-                    conn, to_node=row["to_node"], typ=effect.typ, key=subject, now=now
-                )
-            case Alert():
-                await raise_alert(
-                    conn, effect, at=now, subject=f"grant:{subject}", node=ctx.node_id
-                )
             case NotifyGiver():
                 log.info("grant_outcome", transfer_id=subject, state=effect.state)
-            case StoreEvidence():
-                pass  # the vote's bytes are in the row; the envelope is in plt_message
             case Reply():
                 reply = effect.body
-            case _:
-                raise AssertionError(f"unexpected effect at A: {effect!r}")
+            case _:  # Send, StopRetries, Alert, StoreEvidence
+                await execute_common_effect(
+                    conn, effect, now, subject=subject, peer=peer, node=ctx.node_id, side="A"
+                )
     if row is not None and new is not None and new != old:
         await _save(conn, row, new, now)
     return reply

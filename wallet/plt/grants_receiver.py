@@ -42,9 +42,6 @@ from protocol.effects import (
     PostHold,
     QueryPeer,
     Reply,
-    Send,
-    StopRetries,
-    StoreEvidence,
     VoidHold,
 )
 from protocol.errors import ErrorCode, ProtocolError
@@ -82,6 +79,7 @@ from wallet.plt.grants_base import (
     audit_money,
     decode,
     encode,
+    execute_common_effect,
     from_ms,
     grant_log_context,
     log,
@@ -322,6 +320,7 @@ async def _apply(
     """Execute a step's effects (not HoldQuota: PREPARE does that) and store the new state."""
     reply: Body | None = None
     posted = False
+    peer = None if row is None else row["from_node"]  # the giver's node
     for effect in effects:
         match effect:
             case PostHold():
@@ -341,35 +340,17 @@ async def _apply(
                     conn, at=now, action="grant.abort", transfer_id=subject, side="receiver",
                     amount_fen=row["amount_fen"], peer=row["from_node"],
                 )  # fmt: skip
-            case Send():
-                await outbox.enqueue(
-                    conn,
-                    to_node=effect.to_node,
-                    typ=effect.typ,
-                    key=subject,
-                    body=encode_body(effect.body),
-                    now=now,
-                )
-            case StopRetries():
-                assert row is not None
-                await outbox.stop(
-                    conn, to_node=row["from_node"], typ=effect.typ, key=subject, now=now
-                )
             case FreezePeer():
                 await conn.execute(_FREEZE, effect.node, now, f"equivocation on grant {subject}")
                 log.error("plt_peer_frozen", node=effect.node, transfer_id=subject)
-            case Alert():
-                await raise_alert(
-                    conn, effect, at=now, subject=f"grant:{subject}", node=ctx.node_id
-                )
             case NotifyReceiver():
                 log.info("grant_notify_receiver", transfer_id=subject, kind=effect.kind)
-            case StoreEvidence():
-                pass  # the body is in the row; the envelope is in plt_message
             case Reply():
                 reply = effect.body
-            case _:
-                raise AssertionError(f"unexpected effect at B: {effect!r}")
+            case _:  # Send, StopRetries, Alert, StoreEvidence
+                await execute_common_effect(
+                    conn, effect, now, subject=subject, peer=peer, node=ctx.node_id, side="B"
+                )
     if row is not None and new is not None and new != old:
         await _save(conn, row, new, now)
     if posted and row is not None:
