@@ -29,11 +29,13 @@ import structlog
 
 from protocol.device_auth import (
     ALG_ES256,
+    Action,
     DeviceAuthError,
     SignedInstruction,
     b64url,
     decode_instruction,
     differences,
+    instruction,
     key_id,
     load_public_key,
     sec1,
@@ -320,3 +322,47 @@ async def verify_fresh(
     if verified.stale is not None:
         raise verified.stale
     return verified
+
+
+async def authorise(
+    ctx: WalletContext,
+    person_id: int,
+    *,
+    payment_password: str | None,
+    device: DeviceSignature | None,
+    action: Action,
+    ids: dict[str, str],
+    amount_fen: int | None = None,
+) -> Verified | None:
+    """A sensitive action, authorised by exactly one of the payment password or a fresh
+    device signature over (action, this node, the person, ids, amount). Returns the verified
+    signature, or None for the password."""
+    if (payment_password is None) == (device is None):
+        raise WalletError(
+            ErrorCode.INVALID_REQUEST, "give exactly one of `device` and `payment_password`"
+        )
+    if device is None:
+        assert payment_password is not None
+        await verify_payment_password(ctx, person_id, payment_password)
+        return None
+    want = instruction(
+        action,
+        node=ctx.node_id,
+        person=person_ref(person_id),
+        ids=ids,
+        amount_fen=amount_fen,
+        created_at_ms=0,
+    )
+    return await verify_fresh(ctx, person_id, device, want)
+
+
+def filing_ids(
+    receiver_province: str, receiver_id_number: str, relation_type: str
+) -> dict[str, str]:
+    """The `ids` of a `relation.file` signature: who, where, how related (the ID number as
+    normalised: uppercase X)."""
+    return {
+        "receiver_id_number": receiver_id_number,
+        "receiver_province": receiver_province,
+        "relation_type": str(relation_type),
+    }

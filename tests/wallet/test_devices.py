@@ -13,7 +13,10 @@ from litestar.testing import AsyncTestClient
 from protocol.device_auth import b64url, new_device_key
 from tests.devices import public_key_b64, register_phone
 from tests.support import OPERATOR, PASSWORD, bearer, import_persons, open_wallet, person
+from wallet.clock import ManualClock
+from wallet.devices import filing_ids
 from wallet.otp import RecordingOtpSender
+from wallet.plt.grants_base import to_ms
 
 Client = AsyncTestClient[Litestar]
 
@@ -188,3 +191,90 @@ async def test_at_most_five_active_devices_and_revoking_one_frees_a_place(
         "SELECT action FROM audit_event WHERE action LIKE 'device.%' ORDER BY id")]  # fmt: skip
     assert actions == ["device.register"] * 5 + ["device.revoke", "device.register",
                                                  "device.revoke_all"]  # fmt: skip
+
+
+# --- the other sensitive actions, signed -----------------------------------------------------
+
+
+async def test_relationships_and_payment_codes_are_authorised_by_device_signatures(
+    client: Client, otp: RecordingOtpSender, db: asyncpg.Connection, clock: ManualClock
+) -> None:
+    giver = await holder(client, otp)
+    receiver = await holder(client, otp, OTHER)
+    giver_phone = await register_phone(client, giver, otp, HOLDER["phone"])
+    receiver_phone = await register_phone(client, receiver, otp, OTHER["phone"])
+    now = to_ms(clock.now())
+    ids = filing_ids("130000", OTHER["id_number"], "child")
+    body = {
+        "receiver_id_number": OTHER["id_number"],
+        "receiver_name": OTHER["name"],
+        "relation_type": "child",
+        "evidence_ref": "hukou-0001",
+    }
+    # A signature for another relative (or relation type) files nothing.
+    for wrong_ids, differs in (
+        ({**ids, "receiver_id_number": person(7, "x")["id_number"]}, ["ids.receiver_id_number"]),
+        ({**ids, "relation_type": "parent"}, ["ids.relation_type"]),
+    ):
+        signed = giver_phone.auth("relation.file", wrong_ids, None, now)
+        response = await client.post(
+            "/app/v1/relationships", json={**body, "device": signed}, headers=giver
+        )
+        assert (response.status_code, response.json()["code"]) == (
+            403,
+            "device_signature_mismatch",
+        )
+        assert response.json()["differs"] == differs
+    assert await db.fetchval("SELECT count(*) FROM relationship") == 0
+    signed = giver_phone.auth("relation.file", ids, None, now)
+    response = await client.post(
+        "/app/v1/relationships", json={**body, "device": signed}, headers=giver
+    )
+    assert response.status_code == 201, response.text
+    rid = response.json()["id"]
+    # Confirming with the giver's phone, or a signature over another relationship: refused.
+    for phone, signed_rid in ((giver_phone, rid), (receiver_phone, rid + 1)):
+        response = await client.post(
+            f"/app/v1/relationships/{rid}/confirm",
+            json={"device": phone.auth("relation.confirm", {"relationship_id": str(signed_rid)},
+                                       None, now)},
+            headers=receiver,
+        )  # fmt: skip
+        assert response.status_code == 403, response.text
+    response = await client.post(
+        f"/app/v1/relationships/{rid}/confirm",
+        json={"device": receiver_phone.auth("relation.confirm", {"relationship_id": str(rid)},
+                                            None, now)},
+        headers=receiver,
+    )  # fmt: skip
+    assert (response.status_code, response.json()["state"]) == (200, "active"), response.text
+    response = await client.post(
+        f"/app/v1/relationships/{rid}/end",
+        json={"device": giver_phone.auth("relation.end", {"relationship_id": str(rid)}, None,
+                                         now)},
+        headers=giver,
+    )  # fmt: skip
+    assert (response.status_code, response.json()["state"]) == (200, "ended"), response.text
+
+    # A payment code: without a body as before; with a device signature, it must verify.
+    response = await client.post(
+        "/app/v1/payment-codes",
+        json={"device": giver_phone.auth("payment_code.issue", {}, None, now)},
+        headers=giver,
+    )
+    assert response.status_code == 201, response.text
+    response = await client.post(
+        "/app/v1/payment-codes",
+        json={"device": giver_phone.auth("payment_code.issue", {}, None, now - 301_000)},
+        headers=giver,
+    )
+    assert (response.status_code, response.json()["code"]) == (403, "device_signature_stale")
+    response = await client.post(
+        "/app/v1/payment-codes",
+        json={"device": giver_phone.auth("relation.end", {}, None, now)},
+        headers=giver,
+    )
+    assert (response.status_code, response.json()["differs"]) == (403, ["action"])
+    response = await client.post("/app/v1/payment-codes", json={"device": 1}, headers=giver)
+    assert (response.status_code, response.json()["code"]) == (400, "invalid_request")
+    assert await db.fetchval("SELECT count(*) FROM payment_code") == 1
