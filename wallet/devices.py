@@ -66,7 +66,8 @@ class DeviceSignature(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     the DER signature, both base64url (`protocol.device_auth` says what to sign)."""
 
     kid: Kid
-    signed: Annotated[str, msgspec.Meta(min_length=1, max_length=2800)]
+    # At most 2,047 bytes once decoded: what DeviceProof may carry in a PREPARE.
+    signed: Annotated[str, msgspec.Meta(min_length=1, max_length=2730)]
     sig: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 
 
@@ -251,7 +252,8 @@ async def verify(
     ctx: WalletContext, person_id: int, signature: DeviceSignature, want: SignedInstruction
 ) -> Verified:
     """Check that `person_id`'s registered, unrevoked device signed exactly `want` (its
-    created_at_ms aside). Every refusal is counted toward the lockout and audited."""
+    created_at_ms aside). Every refusal is counted toward the lockout and audited; a stale
+    signature (genuine, only late) is neither: the caller decides whether it is refused."""
 
     async def refuse(code: ErrorCode, detail: str, reason: str, **extra: object) -> NoReturn:
         await record_failure(
