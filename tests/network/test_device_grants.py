@@ -43,7 +43,18 @@ from tests.network.grant_flow import (
     linked_pair,
     states,
 )
-from tests.network.support import Holder, app_get, app_post, client, post_batch, seal_from
+from tests.network.support import (
+    GIVER_SEQ,
+    RECEIVER_SEQ,
+    Holder,
+    app_get,
+    app_post,
+    client,
+    cross_state,
+    enrol,
+    post_batch,
+    seal_from,
+)
 from tests.support import OPERATOR, PASSWORD
 from wallet.otp import RecordingOtpSender
 from wallet.plt.grants_base import to_ms
@@ -444,3 +455,61 @@ async def test_a_refuses_an_accept_whose_signed_acceptance_does_not_match(pair: 
     await pair.network.run_senders()
     assert await states(pair, tid) == ("COMMITTED", "COMMITTED")
     await expect_money(pair, giver=460_000, frozen=40_000, quota=40_000)
+
+
+async def test_a_cross_province_relationship_is_filed_confirmed_and_ended_by_phones(
+    network: LocalNetwork,
+) -> None:
+    a, b = network["prov-13"], network["prov-31"]
+    giver = await enrol(a, GIVER_SEQ + 7, "张三丰")
+    receiver = await enrol(b, RECEIVER_SEQ + 7, "李小龙", scheme="resident")
+    giver_phone, receiver_phone = await phone_of(giver), await phone_of(receiver)
+    body = {
+        "receiver_province": "310000",
+        "receiver_id_number": receiver.id_number,
+        "receiver_name": receiver.name,
+        "relation_type": "child",
+        "evidence_ref": "hukou-0001",
+    }
+    ids = {
+        "receiver_id_number": receiver.id_number,
+        "receiver_province": "310000",
+        "relation_type": "child",
+    }
+    wrong = await app_post(
+        giver,
+        "/app/v1/cross-relationships",
+        {**body, "device": giver_phone.auth("relation.file", {**ids, "relation_type": "parent"},
+                                            None, now_ms(a))},
+    )  # fmt: skip
+    assert (wrong.status_code, wrong.json()["differs"]) == (403, ["ids.relation_type"])
+    filed = await app_post(
+        giver,
+        "/app/v1/cross-relationships",
+        {**body, "device": giver_phone.auth("relation.file", ids, None, now_ms(a))},
+    )
+    assert filed.status_code == 201, filed.text
+    relation_id = filed.json()["relation_id"]
+    await network.run_senders()
+    confirm = f"/app/v1/cross-relationships/{relation_id}/confirm"
+    signed = {"relation_id": relation_id}
+    stolen = await app_post(
+        receiver, confirm, {"device": giver_phone.auth("relation.confirm", signed, None, now_ms(b))}
+    )
+    assert (stolen.status_code, stolen.json()["code"]) == (403, "device_key_unknown")
+    confirmed = await app_post(
+        receiver,
+        confirm,
+        {"device": receiver_phone.auth("relation.confirm", signed, None, now_ms(b))},
+    )
+    assert confirmed.status_code == 200, confirmed.text
+    await network.run_senders()
+    assert await cross_state(a, relation_id) == "active"
+    ended = await app_post(
+        giver,
+        f"/app/v1/cross-relationships/{relation_id}/end",
+        {"device": giver_phone.auth("relation.end", signed, None, now_ms(a))},
+    )
+    assert (ended.status_code, ended.json()["state"]) == (200, "ended"), ended.text
+    await network.run_senders()
+    assert await cross_state(b, relation_id) == "ended"
