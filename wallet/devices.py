@@ -335,10 +335,14 @@ async def authorise(
     action: Action,
     ids: dict[str, str],
     amount_fen: int | None = None,
+    person: str | None = None,
+    fresh: bool = True,
 ) -> Verified | None:
-    """A sensitive action, authorised by exactly one of the payment password or a fresh
-    device signature over (action, this node, the person, ids, amount). Returns the verified
-    signature, or None for the password."""
+    """A sensitive action, authorised by exactly one of the payment password or a device
+    signature over (action, this node, the person, ids, amount). Returns the verified
+    signature, or None for the password. `person` is the holder's giver ref unless given
+    (a receiver signs as `receiver_ref`); with `fresh=False` a stale signature is returned
+    with `Verified.stale` set, for the caller to judge (a grant's idempotent replay)."""
     if (payment_password is None) == (device is None):
         raise WalletError(
             ErrorCode.INVALID_REQUEST, "give exactly one of `device` and `payment_password`"
@@ -350,12 +354,14 @@ async def authorise(
     want = instruction(
         action,
         node=ctx.node_id,
-        person=person_ref(person_id),
+        person=person or person_ref(person_id),
         ids=ids,
         amount_fen=amount_fen,
         created_at_ms=0,
     )
-    return await verify_fresh(ctx, person_id, device, want)
+    if fresh:
+        return await verify_fresh(ctx, person_id, device, want)
+    return await verify(ctx, person_id, device, want)
 
 
 def filing_ids(

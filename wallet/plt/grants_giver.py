@@ -81,7 +81,6 @@ from wallet.context import WalletContext
 from wallet.devices import DeviceSignature
 from wallet.errors import ErrorCode as WalletCode
 from wallet.errors import WalletError
-from wallet.payment_password import verify_payment_password
 from wallet.plt import outbox, relations
 from wallet.plt.dispatch import Incoming, handles
 from wallet.plt.grants_base import (
@@ -388,35 +387,17 @@ async def _authorise(
 ) -> tuple[UserAuth, WalletError | None]:
     """The PREPARE's `user_auth` for a verified instruction, and a staleness to raise unless
     the instruction turns out to be a replay."""
-    if (payment_password is None) == (device is None):
-        raise WalletError(
-            WalletCode.INVALID_REQUEST, "give exactly one of `device` and `payment_password`"
-        )
-    if device is None:
-        assert payment_password is not None
-        await verify_payment_password(ctx, giver_person_id, payment_password)
-        verified_at_ms = to_ms(ctx.clock.now())
-        pin = UserAuth(
-            method="pin",
-            verified_at_ms=verified_at_ms,
-            ref=f"pin-{giver_person_id}-{verified_at_ms}",
-        )
-        return pin, None
-    want = device_auth.instruction(
-        "grant.instruct",
-        node=ctx.node_id,
-        person=relations.giver_account_ref(giver_person_id),
-        ids={"relation_id": relation_id, "transfer_id": transfer_id},
-        amount_fen=amount_fen,
-        created_at_ms=0,
-    )
-    verified = await devices.verify(ctx, giver_person_id, device, want)
-    signed = UserAuth(
-        method="device",
-        verified_at_ms=to_ms(ctx.clock.now()),
-        ref=device.kid,
-        device=verified.proof,
-    )
+    verified = await devices.authorise(
+        ctx, giver_person_id, payment_password=payment_password, device=device,
+        action="grant.instruct", ids={"relation_id": relation_id, "transfer_id": transfer_id},
+        amount_fen=amount_fen, fresh=False,
+    )  # fmt: skip
+    verified_at_ms = to_ms(ctx.clock.now())
+    if verified is None:
+        ref = f"pin-{giver_person_id}-{verified_at_ms}"
+        return UserAuth(method="pin", verified_at_ms=verified_at_ms, ref=ref), None
+    proof = verified.proof
+    signed = UserAuth(method="device", verified_at_ms=verified_at_ms, ref=proof.kid, device=proof)
     return signed, verified.stale
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import datetime as dt
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from typing import Literal
 
 import asyncpg
 import msgspec
@@ -71,7 +70,6 @@ from wallet.context import WalletContext
 from wallet.devices import DeviceSignature
 from wallet.errors import ErrorCode as WalletCode
 from wallet.errors import WalletError
-from wallet.payment_password import verify_payment_password
 from wallet.plt import outbox, quota
 from wallet.plt.dispatch import Incoming, handles
 from wallet.plt.grants_base import (
@@ -767,8 +765,15 @@ async def accept(
     """The receiver accepts (a device signature, or the payment password): B sends a binding
     ACCEPT to the giver node; a device's signed acceptance travels in it for A to check."""
     from_node, amount_fen = await _locate(ctx, person_id, transfer_id)
-    acceptance = await _authorise(
-        ctx, person_id, from_node, transfer_id, amount_fen, "grant.accept", payment_password, device
+    verified = await devices.authorise(
+        ctx, person_id, payment_password=payment_password, device=device,
+        action="grant.accept", ids={"transfer_id": transfer_id}, amount_fen=amount_fen,
+        person=devices.receiver_ref(person_id),
+    )  # fmt: skip
+    acceptance = (
+        Acceptance(method="pin", ref=f"pin-{person_id}-{to_ms(ctx.clock.now())}")
+        if verified is None
+        else Acceptance(method="device", ref=verified.proof.kid, device=verified.proof)
     )
     with grant_log_context(ctx.node_id, transfer_id):
         return await _receiver_answers(
@@ -787,49 +792,13 @@ async def decline(
     """The receiver declines (device signature or payment password): B sends DECLINE; the
     hold waits for A."""
     from_node, amount_fen = await _locate(ctx, person_id, transfer_id)
-    await _authorise(
-        ctx,
-        person_id,
-        from_node,
-        transfer_id,
-        amount_fen,
-        "grant.decline",
-        payment_password,
-        device,
-    )
+    await devices.authorise(
+        ctx, person_id, payment_password=payment_password, device=device,
+        action="grant.decline", ids={"transfer_id": transfer_id}, amount_fen=amount_fen,
+        person=devices.receiver_ref(person_id),
+    )  # fmt: skip
     with grant_log_context(ctx.node_id, transfer_id):
         return await _receiver_answers(ctx, from_node, transfer_id, accepts=False, acceptance=None)
-
-
-async def _authorise(
-    ctx: WalletContext,
-    person_id: int,
-    from_node: str,
-    transfer_id: str,
-    amount_fen: int,
-    action: Literal["grant.accept", "grant.decline"],
-    payment_password: str | None,
-    device: DeviceSignature | None,
-) -> Acceptance:
-    """Check the receiver's authorisation; the Acceptance an ACCEPT would carry."""
-    if (payment_password is None) == (device is None):
-        raise WalletError(
-            WalletCode.INVALID_REQUEST, "give exactly one of `device` and `payment_password`"
-        )
-    if device is None:
-        assert payment_password is not None
-        await verify_payment_password(ctx, person_id, payment_password)
-        return Acceptance(method="pin", ref=f"pin-{person_id}-{to_ms(ctx.clock.now())}")
-    want = device_auth.instruction(
-        action,
-        node=ctx.node_id,
-        person=devices.receiver_ref(person_id),
-        ids={"transfer_id": transfer_id},
-        amount_fen=amount_fen,
-        created_at_ms=0,
-    )
-    verified = await devices.verify_fresh(ctx, person_id, device, want)
-    return Acceptance(method="device", ref=device.kid, device=verified.proof)
 
 
 async def _receiver_answers(
