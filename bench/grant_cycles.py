@@ -1,6 +1,7 @@
 """Benchmark: complete cross-province grant cycles between two real province nodes.
 
     python bench/grant_cycles.py --pairs 64 --concurrency 16 --cycles 600 --scrypt-n 16384
+    python bench/grant_cycles.py ... --auth password     # the payment-password path instead
 
 What runs (all on this machine, nothing mocked):
 
@@ -11,9 +12,11 @@ What runs (all on this machine, nothing mocked):
   outbox sender delivers every message: PREPARE, RECEIVED, ACCEPT, DECISION, ACK);
 * a driver (this process) that loads N giver/receiver pairs straight into the two databases
   (people, wallets with scrypt payment passwords, sessions, monthly credits, confirmed cross
-  relationships), then runs grant cycles at a chosen concurrency over HTTP: the giver
-  instructs (payment password), the receiver accepts as soon as B offers the grant (payment
-  password), and the cycle ends when A has B's ACK;
+  relationships, and one registered P-256 device key per person, held by the driver the way
+  a phone holds it), then runs grant cycles at a chosen concurrency over HTTP: the giver
+  instructs (signed on the giver's "phone"), the receiver accepts as soon as B offers the
+  grant (signed on the receiver's "phone"), and the cycle ends when A has B's ACK;
+  `--auth password` confirms both with the payment password instead (scrypt on the node);
 * `pgbench -N` on server A in the same run, as the physical reference.
 
 Per-phase latencies come from the nodes' own timestamps (grant rows and the `plt_message`
@@ -21,8 +24,10 @@ evidence log), plus the two HTTP calls and the whole cycle as the driver sees th
 
 A benchmark, not a test: the 3-grants-a-day limit and the 22:00-06:00 blackout are lifted
 in the nodes' settings so cycles can repeat at any hour; every other rule and check runs.
-The payment-password KDF dominates on small machines: each cycle verifies two passwords
-(giver and receiver), so `--scrypt-n` is a flag and is printed with the results.
+With `--auth password` the payment-password KDF dominates on small machines: each cycle
+verifies two passwords (giver and receiver), so `--scrypt-n` is a flag and is printed with
+the results. With device keys (the default) each cycle verifies two ECDSA P-256 signatures
+at the nodes (and B and A re-verify them from the PREPARE and the ACCEPT).
 """
 
 from __future__ import annotations
@@ -50,11 +55,20 @@ import msgspec
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+
 from nodes.embedded_pg import EmbeddedPostgres, pg_binary  # noqa: E402
 from nodes.migrate import migrate  # noqa: E402
+from protocol import device_auth  # noqa: E402
 from protocol.ids import uuid7  # noqa: E402
 from wallet import ledger  # noqa: E402
-from wallet.credentials import digest, hash_password_sync  # noqa: E402
+from wallet.credentials import (  # noqa: E402
+    PEPPER_FILE,
+    Pepper,
+    create_pepper,
+    digest,
+    hash_password_sync,
+)
 from wallet.idnumber import check_character  # noqa: E402
 from wallet.plt.node import NodeKeys, write_directory  # noqa: E402
 
@@ -69,10 +83,37 @@ DB = "plt"
 
 
 @dataclass
+class Phone:
+    """A person's device key, as the phone holds it, and what it signs as."""
+
+    key: ec.EllipticCurvePrivateKey
+    kid: str
+    person: str  # `p-<id>` for the giver, `w-<id>` for the receiver
+
+    def sign(self, action: device_auth.Action, node: str, ids: dict[str, str]) -> dict[str, str]:
+        what = device_auth.instruction(
+            action,
+            node=node,
+            person=self.person,
+            ids=ids,
+            amount_fen=GRANT_FEN,
+            created_at_ms=time.time_ns() // 1_000_000,
+        )
+        signed, sig = device_auth.sign(self.key, what)
+        return {
+            "kid": self.kid,
+            "signed": device_auth.b64url(signed),
+            "sig": device_auth.b64url(sig),
+        }
+
+
+@dataclass
 class Pair:
     giver_token: str
     receiver_token: str
     relation_id: str
+    giver_phone: Phone
+    receiver_phone: Phone
 
 
 @dataclass
@@ -131,11 +172,14 @@ async def create_database(server: EmbeddedPostgres) -> None:
         await conn.close()
 
 
-def write_keys(data: Path, nodes: dict[str, Node]) -> None:
+def write_keys(data: Path, nodes: dict[str, Node]) -> dict[str, Pepper]:
+    """Each node's keys, directory and password pepper (beside the keys, as keys init does)."""
     now_ms = time.time_ns() // 1_000_000 - 60_000
     keys = {n: NodeKeys.generate(n, now_ms) for n in nodes}
+    peppers: dict[str, Pepper] = {}
     for n in nodes:
         keys[n].save(data / n / "keys")
+        peppers[n] = create_pepper(data / n / "keys" / PEPPER_FILE)
         others = [o for o in nodes if o != n]
         write_directory(
             data / n / "directory",
@@ -147,6 +191,7 @@ def write_keys(data: Path, nodes: dict[str, Node]) -> None:
             (data / n / "directory" / "keysets" / f"{o}.json").write_bytes(
                 msgspec.json.encode(keys[o].document)
             )
+    return peppers
 
 
 def start_node(data: Path, node: Node, pool_max: int) -> None:
@@ -203,6 +248,10 @@ _WALLET = """
 INSERT INTO wallet (person_id, state, password_hash, opened_via, opened_at)
 VALUES ($1, 'open', $2, 'app', $3)
 """
+_DEVICE = """
+INSERT INTO device_key (person_id, kid, alg, public_key, label, created_at)
+VALUES ($1, $2, 'ES256', $3, 'bench phone', $4)
+"""
 _SESSION = """
 INSERT INTO app_session (token_hash, person_id, created_at, expires_at) VALUES ($1, $2, $3, $4)
 """
@@ -228,8 +277,10 @@ async def person(
     region: str,
     password_hash: str,
     now: dt.datetime,
-) -> tuple[int, str, str]:
-    """A person with an open wallet and a session; returns (id, id_number, token)."""
+    ref_prefix: str,
+) -> tuple[int, str, str, Phone]:
+    """A person with an open wallet, a session and a registered device key; returns
+    (id, id_number, token, phone)."""
     number = id_number(seq, region)
     pid: int = await conn.fetchval(
         _PERSON, number, f"人{seq}", scheme, region[:2] + "0100", f"139{seq:08d}"
@@ -237,12 +288,19 @@ async def person(
     await conn.execute(_WALLET, pid, password_hash, now)
     token = "sess_" + secrets.token_urlsafe(24)
     await conn.execute(_SESSION, digest(token), pid, now, now + dt.timedelta(days=1))
-    return pid, number, token
+    key = device_auth.new_device_key()
+    point = device_auth.sec1(key.public_key())
+    kid = device_auth.key_id(point)
+    await conn.execute(_DEVICE, pid, kid, point, now)
+    return pid, number, token, Phone(key, kid, f"{ref_prefix}-{pid}")
 
 
-async def load_pairs(a: Node, b: Node, count: int, scrypt_n: int) -> list[Pair]:
+async def load_pairs(
+    a: Node, b: Node, count: int, scrypt_n: int, peppers: dict[str, Pepper]
+) -> list[Pair]:
     """Givers at A (employee scheme, credited), receivers at B, confirmed relationships."""
-    password_hash = hash_password_sync(PASSWORD, scrypt_n)
+    hash_a = hash_password_sync(PASSWORD, scrypt_n, peppers[A])
+    hash_b = hash_password_sync(PASSWORD, scrypt_n, peppers[B])
     now = dt.datetime.now(dt.UTC)
     pairs: list[Pair] = []
     ca = await asyncpg.connect(a.dsn)
@@ -253,12 +311,12 @@ async def load_pairs(a: Node, b: Node, count: int, scrypt_n: int) -> list[Pair]:
             relation_id = uuid7()
             request_hash = hashlib.sha256(relation_id.encode()).hexdigest()
             async with cb.transaction():
-                rpid, rnumber, rtoken = await person(
-                    cb, i, "resident", "310101", password_hash, now
+                rpid, rnumber, rtoken, rphone = await person(
+                    cb, i, "resident", "310101", hash_b, now, "w"
                 )
             async with ca.transaction():
-                gpid, gnumber, gtoken = await person(
-                    ca, 500 + i, "employee", "130102", password_hash, now
+                gpid, gnumber, gtoken, gphone = await person(
+                    ca, 500 + i, "employee", "130102", hash_a, now, "p"
                 )
                 account = await ledger.open_account(ca, "personal", f"personal:{gnumber}")
                 await ca.execute(_SET_ACCOUNT, gpid, account)
@@ -281,7 +339,7 @@ async def load_pairs(a: Node, b: Node, count: int, scrypt_n: int) -> list[Pair]:
                     now,
                 )
             await cb.execute(_RECEIVER_SIDE, relation_id, A, rpid, f"p-{gpid}", request_hash, now)
-            pairs.append(Pair(gtoken, rtoken, relation_id))
+            pairs.append(Pair(gtoken, rtoken, relation_id, gphone, rphone))
     finally:
         await ca.close()
         await cb.close()
@@ -310,26 +368,37 @@ async def one_cycle(
     http_b: httpx.AsyncClient,
     pool_a: asyncpg.Pool,
     pool_b: asyncpg.Pool,
+    auth: str,
 ) -> Cycle:
     cycle = Cycle(uuid7())
     t0 = time.perf_counter()
+    instruction: dict[str, object] = {
+        "transfer_id": cycle.transfer_id,
+        "relation_id": pair.relation_id,
+        "amount_fen": GRANT_FEN,
+    }
+    if auth == "device":  # the phone signs (in its secure hardware) as the app sends
+        ids = {"relation_id": pair.relation_id, "transfer_id": cycle.transfer_id}
+        instruction["device"] = pair.giver_phone.sign("grant.instruct", A, ids)
+    else:
+        instruction["payment_password"] = PASSWORD
     response = await http_a.post(
         "/app/v1/grants",
-        json={
-            "transfer_id": cycle.transfer_id,
-            "relation_id": pair.relation_id,
-            "amount_fen": GRANT_FEN,
-            "payment_password": PASSWORD,
-        },
+        json=instruction,
         headers={"Authorization": f"Bearer {pair.giver_token}"},
     )
     cycle.instruct_s = time.perf_counter() - t0
     assert response.status_code == 202, response.text
     await wait_for(pool_b, _OFFERED, A, cycle.transfer_id)
     t1 = time.perf_counter()
+    answer: dict[str, object] = (
+        {"device": pair.receiver_phone.sign("grant.accept", B, {"transfer_id": cycle.transfer_id})}
+        if auth == "device"
+        else {"payment_password": PASSWORD}
+    )
     response = await http_b.post(
         f"/app/v1/grants/incoming/{cycle.transfer_id}/accept",
-        json={"payment_password": PASSWORD},
+        json=answer,
         headers={"Authorization": f"Bearer {pair.receiver_token}"},
     )
     cycle.accept_s = time.perf_counter() - t1
@@ -340,7 +409,7 @@ async def one_cycle(
 
 
 async def run_cycles(
-    a: Node, b: Node, pairs: list[Pair], concurrency: int, cycles: int
+    a: Node, b: Node, pairs: list[Pair], concurrency: int, cycles: int, auth: str
 ) -> tuple[list[Cycle], float]:
     limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency)
     queue: asyncio.Queue[Pair] = asyncio.Queue()
@@ -361,7 +430,7 @@ async def run_cycles(
                 remaining -= 1
                 pair = await queue.get()  # a pair has one grant in flight at a time (RULES 13)
                 try:
-                    done.append(await one_cycle(pair, http_a, http_b, pool_a, pool_b))
+                    done.append(await one_cycle(pair, http_a, http_b, pool_a, pool_b, auth))
                 finally:
                     queue.put_nowait(pair)
 
@@ -391,7 +460,7 @@ WHERE from_node = $2 AND transfer_id = ANY($1::text[])
 """
 
 
-async def phases(a: Node, b: Node, done: list[Cycle]) -> dict[str, list[float]]:
+async def phases(a: Node, b: Node, done: list[Cycle], auth: str) -> dict[str, list[float]]:
     from protocol.messages import Accept, MessageType, decode_body
 
     ids = [c.transfer_id for c in done]
@@ -410,10 +479,10 @@ async def phases(a: Node, b: Node, done: list[Cycle]) -> dict[str, list[float]]:
         await ca.close()
         await cb.close()
     out: dict[str, list[float]] = {
-        "instruct (HTTP, giver's password)": [c.instruct_s * 1000 for c in done],
+        f"instruct (HTTP, giver's {auth})": [c.instruct_s * 1000 for c in done],
         "PREPARE -> B holds (A commit to B commit)": [],
         "PREPARE -> RECEIVED back at A": [],
-        "accept (HTTP, receiver's password)": [c.accept_s * 1000 for c in done],
+        f"accept (HTTP, receiver's {auth})": [c.accept_s * 1000 for c in done],
         "ACCEPT -> DECISION (B accept to A commit)": [],
         "DECISION -> B posts": [],
         "DECISION -> ACK back at A": [],
@@ -603,22 +672,22 @@ async def bench(args: argparse.Namespace) -> None:
         for node in nodes.values():
             node.server.start()
             await create_database(node.server)
-        write_keys(data, nodes)
+        peppers = write_keys(data, nodes)
         for node in nodes.values():
             start_node(data, node, args.pool_max)
         for node in nodes.values():
             await wait_up(node)
         a, b = nodes[A], nodes[B]
         t = time.perf_counter()
-        pairs = await load_pairs(a, b, args.pairs, args.scrypt_n)
+        pairs = await load_pairs(a, b, args.pairs, args.scrypt_n, peppers)
         load_s = time.perf_counter() - t
         if args.warmup:
-            await run_cycles(a, b, pairs, args.concurrency, args.warmup)
-        done, elapsed = await run_cycles(a, b, pairs, args.concurrency, args.cycles)
+            await run_cycles(a, b, pairs, args.concurrency, args.warmup, args.auth)
+        done, elapsed = await run_cycles(a, b, pairs, args.concurrency, args.cycles, args.auth)
         for node in nodes.values():
             assert node.process is not None
             node.peak_rss_kb = peak_rss_kb(node.process.pid)
-        measured = await phases(a, b, done)
+        measured = await phases(a, b, done, args.auth)
         books = []
         for node in nodes.values():
             conn = await asyncpg.connect(node.dsn)
@@ -663,7 +732,11 @@ def print_report(
     print("durability: fsync=on, synchronous_commit=on on both servers (checked)")
     print(
         f"setup: {len(pairs)} pairs loaded in {load_s:.1f} s; concurrency {args.concurrency}; "
-        f"scrypt_n {args.scrypt_n} (2 password checks per cycle)"
+        + (
+            "auth device (2 ES256 device signatures per cycle, each checked at both nodes)"
+            if args.auth == "device"
+            else f"auth password, scrypt_n {args.scrypt_n} (2 password checks per cycle)"
+        )
     )
     print(f"cycles: {len(done)} in {elapsed:.1f} s = {len(done) / elapsed:.1f} cycles/s")
     print(f"{'phase (ms)':46} {'p50':>8} {'p95':>8} {'p99':>8}")
@@ -688,6 +761,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=32, help="unmeasured cycles first (32)")
     parser.add_argument(
         "--scrypt-n", type=int, default=2**14, help="payment-password scrypt cost (16384)"
+    )
+    parser.add_argument(
+        "--auth",
+        choices=("device", "password"),
+        default="device",
+        help="how giver and receiver authorise: device signatures (default) or payment password",
     )
     parser.add_argument("--pool-max", type=int, default=20, help="DB pool per node (20)")
     parser.add_argument("--pgbench-seconds", type=int, default=15)

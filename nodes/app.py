@@ -21,6 +21,7 @@ from wallet.api.problems import EXCEPTION_HANDLERS, request_id_middleware
 from wallet.api.system import metrics_middleware
 from wallet.clock import Clock, SystemClock
 from wallet.context import OtpSender, WalletContext
+from wallet.credentials import Pepper, load_pepper
 from wallet.otp import LogOtpSender, NoOtpSender
 from wallet.plt.node import KeysNotFound, PltNode
 
@@ -37,6 +38,7 @@ async def open_context(
     otp_sender: OtpSender | None = None,
     scrypt_n: int | None = None,
     plt: PltNode | None = None,
+    password_pepper: Pepper | None = None,
 ) -> AsyncIterator[WalletContext]:
     """Open the database (starting and migrating it if needed) and build the wallet context.
 
@@ -57,12 +59,25 @@ async def open_context(
         )
         if scrypt_n is not None:
             ctx.scrypt_n = scrypt_n
+        ctx.password_pepper = password_pepper or load_password_pepper(settings)
         ctx.plt = plt
         try:
             yield ctx
         finally:
             if plt is not None:
                 await plt.aclose()
+
+
+def load_password_pepper(settings: Settings) -> Pepper | None:
+    """The node's payment-password pepper file, if it has one (else hashes are unpeppered)."""
+    pepper = load_pepper(settings.password_pepper_path)
+    if pepper is None:
+        log.warning(
+            "password_pepper_missing",
+            path=str(settings.password_pepper_path),
+            hint="run `plt-node keys init` or `plt-node keys pepper`",
+        )
+    return pepper
 
 
 def system_clock(settings: Settings) -> SystemClock:
@@ -94,6 +109,7 @@ def create_app(
     otp_sender: OtpSender | None = None,
     scrypt_n: int | None = None,
     plt: PltNode | None = None,
+    password_pepper: Pepper | None = None,
 ) -> Litestar:
     """Build one province node's ASGI app. Tests pass their own clock and OTP sender, and
     may pass the node's PLT/1 identity (`plt`) instead of keys on disk."""
@@ -101,7 +117,12 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with open_context(
-            settings, clock=clock, otp_sender=otp_sender, scrypt_n=scrypt_n, plt=plt
+            settings,
+            clock=clock,
+            otp_sender=otp_sender,
+            scrypt_n=scrypt_n,
+            plt=plt,
+            password_pepper=password_pepper,
         ) as ctx:
             app.state.ctx = ctx
             workers = WorkerSet(ctx)

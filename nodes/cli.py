@@ -224,12 +224,18 @@ async def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
 
 def _keys_action(args: argparse.Namespace, settings: Settings) -> NodeKeys:
     from protocol.errors import UnknownKey
+    from wallet.credentials import create_pepper, load_pepper
     from wallet.plt import node as plt_node
 
     keys_dir = settings.plt_keys_dir
     if args.action == "init":
         keys = plt_node.init_keys(keys_dir, settings.node_id, _now_ms(), overwrite=args.force)
         console.print(f"created keys for {keys.node_id} in {keys_dir}")
+        # The payment-password pepper lives beside the keys; never replaced (`--force` too):
+        # a new pepper would lock every holder out of their password.
+        if load_pepper(settings.password_pepper_path) is None:
+            create_pepper(settings.password_pepper_path)
+            console.print(f"created the password pepper {settings.password_pepper_path}")
     elif args.action == "rotate":
         keys = plt_node.rotate(
             keys_dir, _now_ms(), activate_after_ms=int(args.activate_after_hours * 3_600_000)
@@ -359,7 +365,8 @@ async def cmd_receipt_verify(args: argparse.Namespace, settings: Settings) -> in
         err_console.print(f"[red]receipt:[/red] {escape(str(exc))}")
         return 2
     table = Table("field", "value")
-    for name in ("transfer_id", "giver_node", "receiver_node", "amount_fen", "outcome"):
+    names = ("transfer_id", "giver_node", "receiver_node", "amount_fen", "outcome")
+    for name in (*names, "giver_auth", "receiver_auth"):  # device:<kid> is a checked signature
         table.add_row(name, str(getattr(verdict, name)))
     console.print(table)
     for problem in verdict.problems:

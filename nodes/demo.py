@@ -7,13 +7,17 @@ sender delivers signed PLT/1 messages between them by itself. The walk plays the
  1. each province's operator imports its roster; Hebei posts the father's monthly credit,
     Shanghai registers a pharmacy;
  2. the father (Hebei, employee scheme) and his daughter (Shanghai, resident scheme) open
-    wallets;
+    wallets and register their phones' device keys (payment password + SMS code, once);
  3. he files the relationship with her province; she confirms it from her own wallet;
- 4. he grants her a ¥300 quota; she accepts; Hebei commits (two-phase, signed);
+ 4. he grants her a ¥300 quota, signed on his phone; she accepts, signed on hers; each node
+    checks the other's signature; Hebei commits (two-phase, signed);
  5. she pays ¥88.50 at the Shanghai pharmacy with her own payment code, from the quota;
  6. he ends the relationship; Shanghai closes the quota and releases the unused ¥211.50,
     which Hebei returns to his personal account;
  7. both provinces' books are checked.
+
+Every action after the wallets are opened is signed on the person's phone (a P-256 key the
+demo holds the way a phone's secure hardware would), not confirmed with the payment password.
 
 The demo's clock is real time shifted to 10:00 Shanghai time on the day it runs, so the
 walk never falls into the 22:00-06:00 grant blackout (RULES 13).
@@ -37,6 +41,7 @@ from rich.table import Table
 from nodes.logging import configure_logging
 from nodes.network import LocalNetwork, LocalNode, Province
 from nodes.settings import Settings
+from protocol import device_auth
 from protocol.ids import uuid7
 from wallet.idnumber import check_character
 from wallet.otp import RecordingOtpSender
@@ -99,6 +104,9 @@ class Person:
         self.row = row
         self.password = password
         self.headers: dict[str, str] = {}
+        # The phone's key: made in its secure hardware, never leaves it.
+        self.key = device_auth.new_device_key()
+        self.device: dict[str, str] = {}
 
     async def call(self, method: str, path: str, **kwargs: Any) -> Any:
         return await _call(self.node, method, path, headers=self.headers, **kwargs)
@@ -125,6 +133,44 @@ class Person:
             },
         )
         self.headers = {"Authorization": f"Bearer {opened['token']}"}
+
+    async def register_phone(self) -> None:
+        """Register the phone's public key: payment password and a fresh SMS code."""
+        challenge = await self.call("POST", "/app/v1/devices/otp")
+        otp = self.node.otp
+        assert isinstance(otp, RecordingOtpSender)
+        point = device_auth.sec1(self.key.public_key())
+        self.device = await self.call(
+            "POST",
+            "/app/v1/devices",
+            json={
+                "otp_id": challenge["otp_id"],
+                "otp_code": otp.last[self.row["phone"]],
+                "payment_password": self.password,
+                "public_key": device_auth.b64url(point),
+                "label": "demo phone",
+            },
+        )
+
+    def sign(
+        self, action: device_auth.Action, ids: dict[str, str], amount_fen: int | None = None
+    ) -> dict[str, str]:
+        """What the app sends after the PIN or face check unlocked the key on the phone."""
+        person = self.device["receiver" if action.startswith("grant.acc") else "person"]
+        what = device_auth.instruction(
+            action,
+            node=self.device["node"],
+            person=person,
+            ids=ids,
+            amount_fen=amount_fen,
+            created_at_ms=int(self.node.ctx.clock.now().timestamp() * 1000),
+        )
+        signed, sig = device_auth.sign(self.key, what)
+        return {
+            "kid": self.device["kid"],
+            "signed": device_auth.b64url(signed),
+            "sig": device_auth.b64url(sig),
+        }
 
     async def available_fen(self) -> int:
         wallet = await self.call("GET", "/app/v1/wallet")
@@ -197,7 +243,13 @@ async def walk(net: LocalNetwork, console: Console) -> bool:
     daughter = Person(shanghai, DAUGHTER, PASSWORD_DAUGHTER)
     await father.open_wallet()
     await daughter.open_wallet()
+    await father.register_phone()
+    await daughter.register_phone()
     console.print("roster match, SMS code and payment password, each at their own node")
+    console.print(
+        f"phones registered: his {father.device['kid']}, hers {daughter.device['kid']} "
+        "(ECDSA P-256; from now on the phone signs, no payment password is sent)"
+    )
 
     step("3. He files the relationship with her province; she confirms it in Shanghai")
     filed = await father.call(
@@ -209,7 +261,14 @@ async def walk(net: LocalNetwork, console: Console) -> bool:
             "receiver_name": DAUGHTER["name"],
             "relation_type": "child",
             "evidence_ref": "HUKOU-1301-778899",
-            "payment_password": PASSWORD_FATHER,
+            "device": father.sign(
+                "relation.file",
+                {
+                    "receiver_id_number": DAUGHTER["id_number"],
+                    "receiver_province": "310000",
+                    "relation_type": "child",
+                },
+            ),
         },
     )
     relation_id = filed["relation_id"]
@@ -222,7 +281,7 @@ async def walk(net: LocalNetwork, console: Console) -> bool:
     await daughter.call(
         "POST",
         f"/app/v1/cross-relationships/{relation_id}/confirm",
-        json={"payment_password": PASSWORD_DAUGHTER},
+        json={"device": daughter.sign("relation.confirm", {"relation_id": relation_id})},
     )
 
     async def relation_active() -> bool:
@@ -232,7 +291,7 @@ async def walk(net: LocalNetwork, console: Console) -> bool:
     await _until("the signed confirmation to reach Hebei", relation_active)
     console.print(f"relationship {relation_id[:8]}… is active on both nodes")
 
-    step(f"4. He grants her a {_yuan(GRANT_FEN)} quota; she accepts; Hebei commits")
+    step(f"4. He grants her a {_yuan(GRANT_FEN)} quota on his phone; she accepts on hers")
     transfer_id = uuid7()
     instructed = await father.call(
         "POST",
@@ -241,10 +300,17 @@ async def walk(net: LocalNetwork, console: Console) -> bool:
             "transfer_id": transfer_id,
             "relation_id": relation_id,
             "amount_fen": GRANT_FEN,
-            "payment_password": PASSWORD_FATHER,
+            "device": father.sign(
+                "grant.instruct",
+                {"relation_id": relation_id, "transfer_id": transfer_id},
+                GRANT_FEN,
+            ),
         },
     )
-    console.print(f"grant {transfer_id[:8]}…: {instructed['state']} (amount held in Hebei)")
+    console.print(
+        f"grant {transfer_id[:8]}…: {instructed['state']} (amount held in Hebei; the PREPARE "
+        "carries his signed instruction, which Shanghai checked before holding anything)"
+    )
 
     async def incoming() -> bool:
         grants = await daughter.call("GET", "/app/v1/grants/incoming")
@@ -254,7 +320,7 @@ async def walk(net: LocalNetwork, console: Console) -> bool:
     await daughter.call(
         "POST",
         f"/app/v1/grants/incoming/{transfer_id}/accept",
-        json={"payment_password": PASSWORD_DAUGHTER},
+        json={"device": daughter.sign("grant.accept", {"transfer_id": transfer_id}, GRANT_FEN)},
     )
 
     async def committed() -> bool:
@@ -269,7 +335,9 @@ async def walk(net: LocalNetwork, console: Console) -> bool:
     )
 
     step(f"5. She pays {_yuan(PAYMENT_FEN)} at the Shanghai pharmacy with her own code")
-    code = await daughter.call("POST", "/app/v1/payment-codes")
+    code = await daughter.call(
+        "POST", "/app/v1/payment-codes", json={"device": daughter.sign("payment_code.issue", {})}
+    )
     settled = await _call(
         shanghai,
         "POST",
@@ -291,7 +359,7 @@ async def walk(net: LocalNetwork, console: Console) -> bool:
     await father.call(
         "POST",
         f"/app/v1/cross-relationships/{relation_id}/end",
-        json={"payment_password": PASSWORD_FATHER},
+        json={"device": father.sign("relation.end", {"relation_id": relation_id})},
     )
     expected_father = CREDIT_FEN - PAYMENT_FEN
 

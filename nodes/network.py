@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import os
+import secrets
 import socket
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +42,7 @@ from nodes.settings import Settings
 from protocol.directory import PeerDirectory
 from wallet.clock import Clock, SystemClock
 from wallet.context import OtpSender, WalletContext
+from wallet.credentials import PEPPER_BYTES, PEPPER_FILE, Pepper, create_pepper, load_pepper
 from wallet.otp import RecordingOtpSender
 from wallet.plt import transport
 from wallet.plt.node import NodeKeys, PltNode
@@ -89,6 +91,7 @@ class LocalNode:
     directory: PeerDirectory
     otp: OtpSender
     settings: Settings
+    pepper: Pepper | None = None
     app: Litestar | None = None
     server: _QuietServer | None = None
     task: asyncio.Task[None] | None = None
@@ -175,6 +178,7 @@ class LocalNetwork:
                 directory=PeerDirectory([]),
                 otp=self.otp_factory(),
                 settings=self._settings(province, port, database_url),
+                pepper=self._pepper(province),
             )
         for node in self.nodes.values():
             node.directory = self._directory_for(node)
@@ -206,6 +210,7 @@ class LocalNetwork:
             otp_sender=node.otp,
             scrypt_n=self.scrypt_n,
             plt=plt,
+            password_pepper=node.pepper,
         )
         config = uvicorn.Config(
             node.app,
@@ -307,6 +312,13 @@ class LocalNetwork:
         keys = NodeKeys.generate(province.node_id, now_ms)
         keys.save(keys_dir)
         return keys
+
+    def _pepper(self, province: Province) -> Pepper:
+        """The node's password pepper: in memory, or a file beside its keys when persisting."""
+        if not self.persist:
+            return Pepper(secrets.token_bytes(PEPPER_BYTES))
+        path = self.data_dir / province.node_id / "keys" / PEPPER_FILE
+        return load_pepper(path) or create_pepper(path)
 
     def _directory_for(self, node: LocalNode) -> PeerDirectory:
         others = [n for n in self.nodes.values() if n.node_id != node.node_id]

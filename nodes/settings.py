@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from wallet.credentials import PEPPER_FILE
 from wallet.rules import ProvinceRules
 
 __all__ = ["ProvinceRules", "Settings", "SettingsError", "load_settings"]
@@ -68,6 +69,11 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     @property
     def plt_keys_dir(self) -> Path:
         return Path(self.keys_dir) if self.keys_dir else Path(self.data_dir) / self.node_id / "keys"
+
+    @property
+    def password_pepper_path(self) -> Path:
+        """The payment-password pepper, beside the PLT/1 keys (`plt-node keys init` makes it)."""
+        return self.plt_keys_dir / PEPPER_FILE
 
     @property
     def plt_directory_dir(self) -> Path:

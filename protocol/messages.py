@@ -150,19 +150,42 @@ class RelationRef(Body, frozen=True, kw_only=True):
     verified_by_A: bool
 
 
-class UserAuth(Body, frozen=True, kw_only=True):
-    """Node A's record that the giver confirmed with the payment password (RULES 12)."""
+class DeviceProof(Body, frozen=True, kw_only=True):
+    """A person's device signature over exactly what they authorised (`protocol.device_auth`).
 
-    method: Literal["pin"]
+    `signed` are the bytes the device signed (the domain prefix and the canonical JSON
+    instruction); `public_key` is the SEC1 uncompressed point the device registered, `kid`
+    its digest, `sig` the DER signature. Anyone can verify it offline; the node's envelope
+    signature attests that this key is the person's registered device.
+    """
+
+    kid: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    alg: Literal["ES256"]
+    public_key: Annotated[bytes, msgspec.Meta(max_length=256)]
+    sig: Annotated[bytes, msgspec.Meta(max_length=256)]
+    signed: Annotated[bytes, msgspec.Meta(max_length=2048)]
+
+
+# omit_defaults: a `pin` record encodes exactly as before the device path existed, so stored
+# and in-flight bodies stay canonical.
+class UserAuth(Body, frozen=True, kw_only=True, omit_defaults=True):
+    """How the giver authorised the grant (RULES 12): a device signature (`device`, the main
+    path, the proof travels so B can check it) or A's record of a payment-password check
+    (`pin`, counters and guardians)."""
+
+    method: Literal["pin", "device"]
     verified_at_ms: TimeMs
     ref: Ref
+    device: DeviceProof | None = None
 
 
-class Acceptance(Body, frozen=True, kw_only=True):
-    """How the receiver (or the relative confirming a filing) confirmed on node B."""
+class Acceptance(Body, frozen=True, kw_only=True, omit_defaults=True):
+    """How the receiver (or the relative confirming a filing) confirmed on node B; with
+    `method: "device"` the receiver's signed acceptance travels in `device`."""
 
-    method: Literal["face", "pin"]
+    method: Literal["face", "pin", "device"]
     ref: Ref
+    device: DeviceProof | None = None
 
 
 # --- transfer messages -------------------------------------------------------------------

@@ -27,6 +27,7 @@ from nodes.migrate import migrate
 from nodes.settings import Settings
 from tests.support import OPERATOR_TOKEN
 from wallet.clock import ManualClock
+from wallet.credentials import Pepper
 from wallet.otp import RecordingOtpSender
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +37,7 @@ TEMPLATE_DB = "plt_test_template"
 START = dt.datetime(2026, 3, 16, 2, 0, tzinfo=dt.UTC)
 # Tests hash many passwords; a lower scrypt cost keeps them fast (the node default is 2**14).
 TEST_SCRYPT_N = 2**8
+TEST_PEPPER = Pepper(bytes(range(32)))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -152,6 +154,8 @@ async def client(
     settings: Settings, clock: ManualClock, otp: RecordingOtpSender
 ) -> AsyncIterator[AsyncTestClient]:  # type: ignore[type-arg]
     """The node's app, lifespan and all, behind an HTTP client."""
-    app = create_app(settings, clock=clock, otp_sender=otp, scrypt_n=TEST_SCRYPT_N)
+    app = create_app(
+        settings, clock=clock, otp_sender=otp, scrypt_n=TEST_SCRYPT_N, password_pepper=TEST_PEPPER
+    )
     async with AsyncTestClient(app=app, timeout=30) as test_client:
         yield test_client

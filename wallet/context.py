@@ -11,7 +11,7 @@ from typing import Protocol
 import asyncpg
 
 from wallet.clock import Clock, SystemClock
-from wallet.credentials import DEFAULT_SCRYPT_N
+from wallet.credentials import DEFAULT_SCRYPT_N, Pepper
 from wallet.plt.node import PltNode  # a real import: Litestar resolves these hints at runtime
 from wallet.rules import ProvinceRules
 
@@ -32,6 +32,9 @@ class WalletContext:
     clock: Clock = field(default_factory=SystemClock)
     # scrypt work factor for new payment passwords (stored with each hash).
     scrypt_n: int = DEFAULT_SCRYPT_N
+    # The node's password pepper (a key file beside the PLT/1 keys, `wallet.credentials`);
+    # None on a node without one: new hashes are then unpeppered (and logged at start).
+    password_pepper: Pepper | None = None
     # This node on the PLT/1 network (keys, peer directory, HTTP client); None when the node
     # has no keys yet (`plt-node keys init`), and then cross-province features answer 503.
     plt: PltNode | None = None

@@ -7,15 +7,23 @@ published, so app developers can switch on it. The codes, by HTTP status:
         id_number_invalid ...... not a GB 11643 / permit number, or a wrong check digit
         amount_invalid ......... zero, negative or beyond the largest amount accepted
         roster_file_invalid .... a roster or credit file with a bad row (line number given)
+        device_signature_malformed  bad base64url/DER, signed bytes not canonical
+        device_key_invalid ..... a registered key that is not P-256 (wrong curve, bad point)
     401 unauthorized ........... no, unknown or expired session token / API key / operator token
     403 payment_password_wrong . the 6-digit payment password did not match
         otp_wrong .............. the one-time password did not match
         forbidden .............. this caller may not act on this object
+        device_key_unknown ..... the key id is not a device of this person
+        device_key_revoked ..... the device was revoked (lost phone)
+        device_signature_invalid the device signature does not verify
+        device_signature_mismatch  the device signed another action/amount/relative/node/id
+        device_signature_stale . the device signature is older than allowed (or from the future)
     404 not_found .............. unknown person, relationship, settlement, route, ...
     409 idempotency_conflict ... same idempotency key (reference, batch id) with another body
         insufficient_funds ..... the accounts that may pay do not cover the amount
         state_conflict ......... the object is not in a state that allows this action
-        already_exists ......... a wallet, institution or live relationship already exists
+        already_exists ......... a wallet, institution, device key or live relationship exists
+        device_limit_reached ... the person has as many active devices as allowed
     410 payment_code_expired ... the payment code is past its lifetime
         payment_code_used ...... the payment code was already used
         otp_expired ............ the one-time password is past its lifetime or used up
@@ -39,16 +47,24 @@ class ErrorCode(StrEnum):
     ID_NUMBER_INVALID = "id_number_invalid"
     AMOUNT_INVALID = "amount_invalid"
     ROSTER_FILE_INVALID = "roster_file_invalid"
+    DEVICE_SIGNATURE_MALFORMED = "device_signature_malformed"
+    DEVICE_KEY_INVALID = "device_key_invalid"
     UNAUTHORIZED = "unauthorized"
     PAYMENT_PASSWORD_WRONG = "payment_password_wrong"
     OTP_WRONG = "otp_wrong"
     FORBIDDEN = "forbidden"
+    DEVICE_KEY_UNKNOWN = "device_key_unknown"
+    DEVICE_KEY_REVOKED = "device_key_revoked"
+    DEVICE_SIGNATURE_INVALID = "device_signature_invalid"
+    DEVICE_SIGNATURE_MISMATCH = "device_signature_mismatch"
+    DEVICE_SIGNATURE_STALE = "device_signature_stale"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     INSUFFICIENT_FUNDS = "insufficient_funds"
     STATE_CONFLICT = "state_conflict"
     ALREADY_EXISTS = "already_exists"
+    DEVICE_LIMIT_REACHED = "device_limit_reached"
     PAYMENT_CODE_EXPIRED = "payment_code_expired"
     PAYMENT_CODE_USED = "payment_code_used"
     OTP_EXPIRED = "otp_expired"
@@ -68,16 +84,24 @@ _STATUS_AND_TITLE: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.ID_NUMBER_INVALID: (400, "The ID number is not valid"),
     ErrorCode.AMOUNT_INVALID: (400, "The amount is not valid"),
     ErrorCode.ROSTER_FILE_INVALID: (400, "The file has an invalid row"),
+    ErrorCode.DEVICE_SIGNATURE_MALFORMED: (400, "The device signature is malformed"),
+    ErrorCode.DEVICE_KEY_INVALID: (400, "The device key is not a P-256 public key"),
     ErrorCode.UNAUTHORIZED: (401, "Authentication is required"),
     ErrorCode.PAYMENT_PASSWORD_WRONG: (403, "The payment password is wrong"),
     ErrorCode.OTP_WRONG: (403, "The one-time password is wrong"),
     ErrorCode.FORBIDDEN: (403, "This action is not allowed for this caller"),
+    ErrorCode.DEVICE_KEY_UNKNOWN: (403, "The device key is not registered to this person"),
+    ErrorCode.DEVICE_KEY_REVOKED: (403, "The device key was revoked"),
+    ErrorCode.DEVICE_SIGNATURE_INVALID: (403, "The device signature does not verify"),
+    ErrorCode.DEVICE_SIGNATURE_MISMATCH: (403, "The device signed something else"),
+    ErrorCode.DEVICE_SIGNATURE_STALE: (403, "The device signature is too old"),
     ErrorCode.NOT_FOUND: (404, "Not found"),
     ErrorCode.METHOD_NOT_ALLOWED: (405, "Method not allowed"),
     ErrorCode.IDEMPOTENCY_CONFLICT: (409, "The idempotency key was used with another request"),
     ErrorCode.INSUFFICIENT_FUNDS: (409, "Insufficient funds"),
     ErrorCode.STATE_CONFLICT: (409, "The object is not in a state that allows this"),
     ErrorCode.ALREADY_EXISTS: (409, "It already exists"),
+    ErrorCode.DEVICE_LIMIT_REACHED: (409, "Too many devices are registered"),
     ErrorCode.PAYMENT_CODE_EXPIRED: (410, "The payment code has expired"),
     ErrorCode.PAYMENT_CODE_USED: (410, "The payment code was already used"),
     ErrorCode.OTP_EXPIRED: (410, "The one-time password has expired"),

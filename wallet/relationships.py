@@ -31,11 +31,11 @@ import asyncpg
 import msgspec
 import structlog
 
-from wallet import audit
+from wallet import audit, devices
 from wallet.context import WalletContext
+from wallet.devices import DeviceSignature, filing_ids
 from wallet.errors import ErrorCode, WalletError
 from wallet.idnumber import age_on, normalize_id_number
-from wallet.payment_password import verify_payment_password
 from wallet.privacy import mask_id_number, mask_name
 from wallet.rules import ProvinceRules, RelationType
 
@@ -206,8 +206,9 @@ async def file(
     receiver_name: str,
     relation_type: RelationType,
     evidence_ref: str,
-    payment_password: str,
+    payment_password: str | None = None,
     receiver_province: str | None = None,
+    device: DeviceSignature | None = None,
 ) -> RelationshipView:
     """The giver files a relationship with a close relative (RULES 1-5); it then waits for
     the receiver's confirmation."""
@@ -220,8 +221,12 @@ async def file(
             "relationships are not available at this node yet",
             reason="receiver_in_other_province",
         )
-    # The password is checked (and a failure counted) before the action's transaction.
-    await verify_payment_password(ctx, giver_person_id, payment_password)
+    # The password or device signature is checked (and a failure counted) before the
+    # action's transaction.
+    await devices.authorise(
+        ctx, giver_person_id, payment_password=payment_password, device=device,
+        action="relation.file", ids=filing_ids(ctx.province_code, id_number, relation_type),
+    )  # fmt: skip
     now = ctx.clock.now()
     async with ctx.pool.acquire() as conn, conn.transaction():
         _check_giver(await conn.fetchrow(_LOCK_GIVER, giver_person_id))
@@ -321,11 +326,19 @@ async def _check_receiver_limit(
 
 
 async def confirm(
-    ctx: WalletContext, receiver_person_id: int, relationship_id: int, *, payment_password: str
+    ctx: WalletContext,
+    receiver_person_id: int,
+    relationship_id: int,
+    *,
+    payment_password: str | None = None,
+    device: DeviceSignature | None = None,
 ) -> RelationshipView:
     """The receiver agrees from their own wallet (RULES 5). Under-16s confirm from the wallet
     a guardian opened for them. Becomes active, or pending review where the province asks."""
-    await verify_payment_password(ctx, receiver_person_id, payment_password)
+    await devices.authorise(
+        ctx, receiver_person_id, payment_password=payment_password, device=device,
+        action="relation.confirm", ids={"relationship_id": str(relationship_id)},
+    )  # fmt: skip
     now = ctx.clock.now()
     review = ctx.rules.relationship_review_required
     async with ctx.pool.acquire() as conn, conn.transaction():
@@ -362,11 +375,19 @@ async def decline(
 
 
 async def end(
-    ctx: WalletContext, person_id: int, relationship_id: int, *, payment_password: str
+    ctx: WalletContext,
+    person_id: int,
+    relationship_id: int,
+    *,
+    payment_password: str | None = None,
+    device: DeviceSignature | None = None,
 ) -> RelationshipView:
     """Either party ends the relationship at any time (RULES 6): no new sharing afterwards;
     nothing already spent is reversed (RULES 7)."""
-    await verify_payment_password(ctx, person_id, payment_password)
+    await devices.authorise(
+        ctx, person_id, payment_password=payment_password, device=device,
+        action="relation.end", ids={"relationship_id": str(relationship_id)},
+    )  # fmt: skip
     now = ctx.clock.now()
     async with ctx.pool.acquire() as conn, conn.transaction():
         await _guarded(

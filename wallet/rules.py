@@ -86,8 +86,17 @@ class ProvinceRules(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     otp_max_attempts: int = 5
     password_max_failures: int = 5
     password_lockout_s: int = 900
+    # Device keys (issue 9): registered keys per person, and how old a device signature may
+    # be when it reaches the node (a phone's clock may also run this far ahead).
+    devices_per_person: int = 5
+    device_signature_max_age_s: int = 300
+    device_signature_max_skew_s: int = 60
 
     def __post_init__(self) -> None:
+        if self.devices_per_person < 1:
+            raise ValueError("devices_per_person must be at least 1")
+        if self.device_signature_max_age_s < 1 or self.device_signature_max_skew_s < 0:
+            raise ValueError("device_signature_max_age_s >= 1, device_signature_max_skew_s >= 0")
         if self.max_receivers_per_giver is not None and self.max_receivers_per_giver < 1:
             raise ValueError("max_receivers_per_giver must be at least 1 or unset")
         if not 0 < self.grant_max_fen <= 10**12:

@@ -33,7 +33,9 @@ from wallet.privacy import mask_phone
 
 log = structlog.get_logger("wallet.wallets")
 
-OtpPurpose = Literal["open_wallet", "login"]
+OtpPurpose = Literal["open_wallet", "login"]  # the unauthenticated `POST /app/v1/otp`
+# `add_device` codes go to a logged-in holder's own phone (`request_holder_otp`).
+AnyOtpPurpose = Literal["open_wallet", "login", "add_device"]
 CounterOpening = Literal["counter", "guardian"]
 OTP_DIGITS = 6
 
@@ -145,8 +147,34 @@ async def request_otp(
     )
 
 
+_HOLDER_PHONE = """
+SELECT p.phone FROM insured_person p JOIN wallet w ON w.person_id = p.id
+WHERE p.id = $1 AND w.state = 'open'
+"""
+
+
+async def request_holder_otp(
+    ctx: WalletContext, person_id: int, purpose: AnyOtpPurpose
+) -> OtpChallenge:
+    """A one-time password for a logged-in holder, sent to the phone on the roster."""
+    now = ctx.clock.now()
+    otp_id = uuid.uuid4()
+    code = new_numeric_code(OTP_DIGITS)
+    expires_at = now + dt.timedelta(seconds=ctx.rules.otp_ttl_s)
+    async with ctx.pool.acquire() as conn:
+        phone = await conn.fetchval(_HOLDER_PHONE, person_id)
+        if phone is None:
+            raise WalletError(ErrorCode.PERSON_NOT_ELIGIBLE, "this person has no open wallet")
+        await conn.execute(
+            _INSERT_OTP, otp_id, person_id, purpose, _otp_digest(otp_id, code), now, expires_at
+        )
+    await ctx.otp_sender.send(phone, code, purpose)
+    log.info("otp_requested", person_id=person_id, purpose=purpose)
+    return OtpChallenge(otp_id=otp_id, expires_at=expires_at, phone_masked=mask_phone(phone))
+
+
 def _check_usable(
-    otp: asyncpg.Record | None, purpose: OtpPurpose, now: dt.datetime, max_attempts: int
+    otp: asyncpg.Record | None, purpose: AnyOtpPurpose, now: dt.datetime, max_attempts: int
 ) -> asyncpg.Record:
     if otp is None or otp["purpose"] != purpose:
         raise WalletError(ErrorCode.NOT_FOUND, f"no one-time password for {purpose} has this id")
@@ -159,11 +187,11 @@ def _check_usable(
     return otp
 
 
-async def _with_otp(
+async def with_otp(
     ctx: WalletContext,
     otp_id: uuid.UUID,
     code: str,
-    purpose: OtpPurpose,
+    purpose: AnyOtpPurpose,
     action: Callable[[asyncpg.Connection, int], Awaitable[T]],
 ) -> T:
     """Run `action(conn, person_id)` in the transaction that uses up the one-time password.
@@ -224,13 +252,13 @@ async def open_wallet(
     async def action(conn: asyncpg.Connection, person_id: int) -> OpenedWallet:
         now = ctx.clock.now()
         # scrypt runs only after the one-time password proved the caller.
-        password_hash = await hash_password(payment_password, ctx.scrypt_n)
+        password_hash = await hash_password(payment_password, ctx.scrypt_n, ctx.password_pepper)
         await _insert_wallet(conn, person_id, password_hash, "app", None, now)
         return OpenedWallet(
             person_id=person_id, session=await _new_session(ctx, conn, person_id, now)
         )
 
-    opened = await _with_otp(ctx, otp_id, otp_code, "open_wallet", action)
+    opened = await with_otp(ctx, otp_id, otp_code, "open_wallet", action)
     log.info("wallet_opened", person_id=opened.person_id, opened_via="app")
     return opened
 
@@ -243,7 +271,7 @@ async def login(ctx: WalletContext, otp_id: uuid.UUID, otp_code: str) -> Session
             raise WalletError(ErrorCode.PERSON_NOT_ELIGIBLE, "this person has no open wallet")
         return await _new_session(ctx, conn, person_id, ctx.clock.now())
 
-    return await _with_otp(ctx, otp_id, otp_code, "login", action)
+    return await with_otp(ctx, otp_id, otp_code, "login", action)
 
 
 async def logout(ctx: WalletContext, token_hash: bytes) -> None:
@@ -275,7 +303,7 @@ async def open_wallet_at_counter(
             "a guardian ID number is given exactly when opened_via is guardian",
         )
     now = ctx.clock.now()
-    password_hash = await hash_password(payment_password, ctx.scrypt_n)
+    password_hash = await hash_password(payment_password, ctx.scrypt_n, ctx.password_pepper)
     async with ctx.pool.acquire() as conn, conn.transaction():
         person = await _roster_match(conn, id_number, name)
         guardian_id = None

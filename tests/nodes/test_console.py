@@ -149,3 +149,12 @@ async def test_operator_api_actions_carry_the_request_id_and_the_operator(
         ("ops-sun", "institution.register", "req-audit-1"),
         ("ops-sun", "institution.suspended", "req-audit-2"),
     ]
+
+
+async def test_keys_init_makes_the_password_pepper_once_and_never_replaces_it(env: Path) -> None:
+    pepper = env / "data" / "prov-13" / "keys" / "password_pepper.key"
+    assert await plt_node("keys", "init") == 0
+    first = pepper.read_bytes()
+    assert len(first.strip()) == 43 and pepper.stat().st_mode & 0o777 == 0o600
+    assert await plt_node("keys", "init", "--force") == 0  # new node keys, the same pepper
+    assert pepper.read_bytes() == first

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 
-from tests.conftest import TEST_SCRYPT_N
+from tests.conftest import TEST_PEPPER, TEST_SCRYPT_N
 from wallet.clock import Clock
 from wallet.context import OtpSender, WalletContext
 
@@ -33,6 +33,7 @@ async def wallet_context(
             otp_sender=otp_sender,
             clock=clock,
             scrypt_n=TEST_SCRYPT_N,
+            password_pepper=TEST_PEPPER,
         )
     finally:
         await pool.close()

@@ -15,6 +15,7 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from wallet.api.auth import AppCaller, provide_app_caller, provide_ctx
 from wallet.api.body import StrictBody
 from wallet.context import WalletContext
+from wallet.devices import DeviceSignature
 from wallet.plt import relations
 from wallet.plt.relations import CrossRelationshipView, CrossState, Side
 from wallet.rules import RelationType
@@ -35,11 +36,13 @@ class FileCrossRelationship(msgspec.Struct, frozen=True, forbid_unknown_fields=T
     receiver_name: _Name
     relation_type: RelationType
     evidence_ref: _Evidence
-    payment_password: PaymentPassword
+    payment_password: PaymentPassword | None = None
+    device: DeviceSignature | None = None  # instead of the password (docs/plt-integration.md)
 
 
 class PasswordConfirmation(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    payment_password: PaymentPassword
+    payment_password: PaymentPassword | None = None
+    device: DeviceSignature | None = None  # instead of the password (docs/plt-integration.md)
 
 
 class AppCrossRelationshipsController(Controller):
@@ -73,6 +76,7 @@ class AppCrossRelationshipsController(Controller):
             relation_type=data.relation_type,
             evidence_ref=data.evidence_ref,
             payment_password=data.payment_password,
+            device=data.device,
         )
 
     @get("/", operation_id="app_list_cross_relationships")
@@ -115,7 +119,11 @@ class AppCrossRelationshipsController(Controller):
         """Confirm, as receiver, a relationship filed for me in another province (payment
         password). Active here at once; the giver's node applies it when the message arrives."""
         return await relations.confirm(
-            ctx, caller.person_id, relation_id, payment_password=data.payment_password
+            ctx,
+            caller.person_id,
+            relation_id,
+            payment_password=data.payment_password,
+            device=data.device,
         )
 
     @post(
@@ -149,5 +157,9 @@ class AppCrossRelationshipsController(Controller):
         """End, as giver or receiver, a cross-province relationship at any time (payment
         password). Unused quota goes back to the giver; nothing spent is reversed (RULES 7)."""
         return await relations.end(
-            ctx, caller.person_id, relation_id, payment_password=data.payment_password
+            ctx,
+            caller.person_id,
+            relation_id,
+            payment_password=data.payment_password,
+            device=data.device,
         )

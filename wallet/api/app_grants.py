@@ -1,8 +1,10 @@
 """App surface for cross-province quota grants (RULES 11-16).
 
-The giver instructs a grant (payment password) and follows it; the receiver sees offered
-grants, accepts or declines them (payment password), and sees their quotas. A committed
-grant has a receipt with both nodes' signed envelopes, verifiable offline.
+The giver instructs a grant and follows it; the receiver sees offered grants, accepts or
+declines them, and sees their quotas. Each of these is authorised by a device signature
+(`device`, the phone's registered key, `wallet.devices`) or by the payment password; exactly
+one of the two. A committed grant has a receipt with both nodes' signed envelopes and both
+device signatures, verifiable offline.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 from wallet.api.auth import AppCaller, provide_app_caller, provide_ctx
 from wallet.api.body import StrictBody
 from wallet.context import WalletContext
+from wallet.devices import DeviceSignature
 from wallet.ledger import MAX_AMOUNT_FEN
 from wallet.plt import grants, quota, receipts
 from wallet.plt.grants import GrantView, IncomingGrantView
@@ -36,11 +39,17 @@ class GrantInstruction(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     transfer_id: Uuid
     relation_id: Uuid
     amount_fen: Annotated[int, msgspec.Meta(gt=0, le=MAX_AMOUNT_FEN)]
-    payment_password: PaymentPassword
+    payment_password: PaymentPassword | None = None
+    # grant.instruct over {relation_id, transfer_id} and amount_fen (protocol.device_auth).
+    device: DeviceSignature | None = None
 
 
 class PasswordConfirmation(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    payment_password: PaymentPassword
+    """Accept or decline: a device signature (grant.accept / grant.decline over
+    {transfer_id} and the amount, `person` = the device's `receiver`) or the password."""
+
+    payment_password: PaymentPassword | None = None
+    device: DeviceSignature | None = None
 
 
 class AppGrantsController(Controller):
@@ -61,7 +70,8 @@ class AppGrantsController(Controller):
         caller: NamedDependency[AppCaller],
         data: JSONBody[GrantInstruction],
     ) -> GrantView:
-        """Grant a quota to a relative insured in another province (payment password).
+        """Grant a quota to a relative insured in another province (device signature or
+        payment password).
 
         Accepted means the amount is frozen and offered; the receiver must accept before
         the next 06:00 or it comes back. Limits: the amount per grant, grants per day, the
@@ -74,6 +84,7 @@ class AppGrantsController(Controller):
             relation_id=data.relation_id,
             amount_fen=data.amount_fen,
             payment_password=data.payment_password,
+            device=data.device,
         )
 
     @get("/grants", operation_id="app_list_grants")
@@ -107,7 +118,11 @@ class AppGrantsController(Controller):
         """Accept an offered grant (payment password). Binding: it becomes a quota I can
         spend once the giver's node confirms, which it does if it hears before its deadline."""
         return await grants.accept(
-            ctx, caller.person_id, transfer_id, payment_password=data.payment_password
+            ctx,
+            caller.person_id,
+            transfer_id,
+            payment_password=data.payment_password,
+            device=data.device,
         )
 
     @post(
@@ -126,7 +141,11 @@ class AppGrantsController(Controller):
     ) -> IncomingGrantView:
         """Decline an offered grant (payment password); the amount goes back to the giver."""
         return await grants.decline(
-            ctx, caller.person_id, transfer_id, payment_password=data.payment_password
+            ctx,
+            caller.person_id,
+            transfer_id,
+            payment_password=data.payment_password,
+            device=data.device,
         )
 
     @get("/grants/{transfer_id:str}", operation_id="app_get_grant")

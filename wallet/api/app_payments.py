@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
-from litestar import Controller, post
+from typing import Any
+
+import msgspec
+from litestar import Controller, Request, post
 from litestar.di import NamedDependency, Provide
 
-from wallet import settlement
+from wallet import devices, settlement
 from wallet.api.auth import AppCaller, provide_app_caller, provide_ctx
+from wallet.api.body import body_error
 from wallet.context import WalletContext
+from wallet.devices import DeviceSignature
 from wallet.settlement import PaymentCodeView
+
+
+class PaymentCodeRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Optional: a device signature (`payment_code.issue`, ids {}, amount null)."""
+
+    device: DeviceSignature
+
+
+_request = msgspec.json.Decoder(PaymentCodeRequest)
 
 
 class AppPaymentCodesController(Controller):
@@ -18,8 +32,22 @@ class AppPaymentCodesController(Controller):
 
     @post("/", operation_id="app_issue_payment_code")
     async def issue(
-        self, ctx: NamedDependency[WalletContext], caller: NamedDependency[AppCaller]
+        self,
+        ctx: NamedDependency[WalletContext],
+        caller: NamedDependency[AppCaller],
+        request: Request[Any, Any, Any],
     ) -> PaymentCodeView:
         """A single-use payment code to show at a designated institution; it expires after
-        the province's `payment_code_ttl_s` and is never shown again."""
+        the province's `payment_code_ttl_s` and is never shown again. With a body
+        `{"device": ...}` the phone's signature authorises it too (refused if it fails)."""
+        raw = await request.body()
+        if raw.strip():
+            try:
+                body = _request.decode(raw)
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                raise body_error(exc) from exc
+            await devices.authorise(
+                ctx, caller.person_id, payment_password=None, device=body.device,
+                action="payment_code.issue", ids={},
+            )  # fmt: skip
         return await settlement.issue_payment_code(ctx, caller.person_id)

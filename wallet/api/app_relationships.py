@@ -14,6 +14,7 @@ from wallet import relationships
 from wallet.api.auth import AppCaller, provide_app_caller, provide_ctx
 from wallet.api.body import StrictBody
 from wallet.context import WalletContext
+from wallet.devices import DeviceSignature
 from wallet.relationships import MAX_ROW_ID, RelationshipState, RelationshipView, Role
 from wallet.rules import RelationType
 
@@ -31,13 +32,15 @@ class FileRelationship(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     receiver_name: _Name
     relation_type: RelationType
     evidence_ref: _Text64
-    payment_password: PaymentPassword
+    payment_password: PaymentPassword | None = None
+    device: DeviceSignature | None = None  # instead of the password (docs/plt-integration.md)
     # GB/T 2260 code of the receiver's province; omitted means this province.
     receiver_province: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{6}$")] | None = None
 
 
 class PasswordConfirmation(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    payment_password: PaymentPassword
+    payment_password: PaymentPassword | None = None
+    device: DeviceSignature | None = None  # instead of the password (docs/plt-integration.md)
 
 
 class ReceiverOrder(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -70,6 +73,7 @@ class AppRelationshipsController(Controller):
             relation_type=data.relation_type,
             evidence_ref=data.evidence_ref,
             payment_password=data.payment_password,
+            device=data.device,
             receiver_province=data.receiver_province,
         )
 
@@ -103,7 +107,11 @@ class AppRelationshipsController(Controller):
     ) -> RelationshipView:
         """Confirm, as receiver, a relationship filed for me (payment password required)."""
         return await relationships.confirm(
-            ctx, caller.person_id, relationship_id, payment_password=data.payment_password
+            ctx,
+            caller.person_id,
+            relationship_id,
+            payment_password=data.payment_password,
+            device=data.device,
         )
 
     @post(
@@ -134,7 +142,11 @@ class AppRelationshipsController(Controller):
     ) -> RelationshipView:
         """End a relationship, as giver or receiver, at any time (payment password required)."""
         return await relationships.end(
-            ctx, caller.person_id, relationship_id, payment_password=data.payment_password
+            ctx,
+            caller.person_id,
+            relationship_id,
+            payment_password=data.payment_password,
+            device=data.device,
         )
 
     @put("/order", operation_id="app_order_givers", dto=StrictBody[ReceiverOrder], return_dto=None)

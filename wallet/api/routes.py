@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from wallet.api.app_cross_relationships import AppCrossRelationshipsController
+from wallet.api.app_devices import AppDevicesController, OperatorDevicesController
 from wallet.api.app_grants import AppGrantsController
 from wallet.api.app_payments import AppPaymentCodesController
 from wallet.api.app_relationships import AppRelationshipsController
@@ -34,4 +35,6 @@ ROUTE_HANDLERS: list[Any] = [
     AppCrossRelationshipsController,
     PltController,
     OperatorClearingController,
+    AppDevicesController,
+    OperatorDevicesController,
 ]

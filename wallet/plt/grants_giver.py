@@ -36,7 +36,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import msgspec
 
-from protocol import giver
+from protocol import device_auth, giver
 from protocol.clock import next_0600, window_id
 from protocol.effects import (
     Alert,
@@ -60,6 +60,7 @@ from protocol.messages import (
     Decision,
     Decline,
     ErrorBody,
+    ErrorReply,
     GiverRef,
     MessageType,
     Prepare,
@@ -75,11 +76,11 @@ from protocol.messages import (
     UserAuth,
     encode_body,
 )
-from wallet import ledger
+from wallet import devices, ledger
 from wallet.context import WalletContext
+from wallet.devices import DeviceSignature
 from wallet.errors import ErrorCode as WalletCode
 from wallet.errors import WalletError
-from wallet.payment_password import verify_payment_password
 from wallet.plt import outbox, relations
 from wallet.plt.dispatch import Incoming, handles
 from wallet.plt.grants_base import (
@@ -375,6 +376,31 @@ def request_hash(transfer_id: str, giver_person_id: int, relation_id: str, amoun
     return hashlib.sha256(canonical).hexdigest()
 
 
+async def _authorise(
+    ctx: WalletContext,
+    giver_person_id: int,
+    transfer_id: str,
+    relation_id: str,
+    amount_fen: int,
+    payment_password: str | None,
+    device: DeviceSignature | None,
+) -> tuple[UserAuth, WalletError | None]:
+    """The PREPARE's `user_auth` for a verified instruction, and a staleness to raise unless
+    the instruction turns out to be a replay."""
+    verified = await devices.authorise(
+        ctx, giver_person_id, payment_password=payment_password, device=device,
+        action="grant.instruct", ids={"relation_id": relation_id, "transfer_id": transfer_id},
+        amount_fen=amount_fen, fresh=False,
+    )  # fmt: skip
+    verified_at_ms = to_ms(ctx.clock.now())
+    if verified is None:
+        ref = f"pin-{giver_person_id}-{verified_at_ms}"
+        return UserAuth(method="pin", verified_at_ms=verified_at_ms, ref=ref), None
+    proof = verified.proof
+    signed = UserAuth(method="device", verified_at_ms=verified_at_ms, ref=proof.kid, device=proof)
+    return signed, verified.stale
+
+
 def in_blackout(local: dt.datetime, rules: ProvinceRules) -> bool:
     """RULES 13: no grants between `grant_blackout_start_hour` and `grant_blackout_end_hour`."""
     start, end = rules.grant_blackout_start_hour, rules.grant_blackout_end_hour
@@ -392,13 +418,17 @@ async def instruct(
     transfer_id: str,
     relation_id: str,
     amount_fen: int,
-    payment_password: str,
+    payment_password: str | None = None,
+    device: DeviceSignature | None = None,
 ) -> GrantView:
     """The giver grants a quota (RULES 11-13): checks, hold, PREPARE queued; or a refusal.
 
+    Authorised by exactly one of a device signature (`wallet.devices`; the proof travels in
+    the PREPARE's `user_auth` so B can check it) or the payment password (`method: "pin"`).
     Idempotent on `transfer_id`: the same instruction again returns the grant's current
-    state; another instruction under the same id is `idempotency_conflict` (3106) with the
-    fields that differ. A rule refusal is stored (state REJECTED, nothing held) and raised.
+    state (a stale device signature too: it is the same signed grant); another instruction
+    under the same id is `idempotency_conflict` (3106) with the fields that differ. A rule
+    refusal is stored (state REJECTED, nothing held) and raised.
     """
     if not is_uuid7(transfer_id):
         raise WalletError(
@@ -406,15 +436,16 @@ async def instruct(
         )
     if not is_uuid7(relation_id):
         raise WalletError(WalletCode.NOT_FOUND, f"no relationship {relation_id}")
-    # Verified before (and outside) the grant's transaction: a wrong password is counted
-    # in its own committed transaction (wallet.payment_password).
-    await verify_payment_password(ctx, giver_person_id, payment_password)
-    verified_at_ms = to_ms(ctx.clock.now())
+    # Verified before (and outside) the grant's transaction: a failure is counted in its
+    # own committed transaction (wallet.payment_password).
+    user_auth, stale = await _authorise(
+        ctx, giver_person_id, transfer_id, relation_id, amount_fen, payment_password, device
+    )
     wanted = request_hash(transfer_id, giver_person_id, relation_id, amount_fen)
 
     async def attempt() -> asyncpg.Record:
         return await _instruct_once(
-            ctx, giver_person_id, transfer_id, relation_id, amount_fen, wanted, verified_at_ms
+            ctx, giver_person_id, transfer_id, relation_id, amount_fen, wanted, user_auth, stale
         )
 
     with grant_log_context(ctx.node_id, transfer_id):
@@ -431,7 +462,8 @@ async def _instruct_once(
     relation_id: str,
     amount_fen: int,
     wanted_hash: str,
-    verified_at_ms: int,
+    user_auth: UserAuth,
+    stale: WalletError | None,
 ) -> asyncpg.Record:
     now = ctx.clock.now()
     now_ms = to_ms(now)
@@ -441,6 +473,8 @@ async def _instruct_once(
         existing = await conn.fetchrow(_LOAD_FOR_UPDATE, transfer_id)
         if existing is not None:
             return _replay(existing, giver_person_id, wanted_hash, relation_id, amount_fen)
+        if stale is not None:  # a new grant needs a fresh signature; a replay did not
+            raise stale
         person = await conn.fetchrow(_GIVER, giver_person_id)
         _check_giver(person)
         relation = await relation_at_giver(conn, relation_id)
@@ -484,11 +518,7 @@ async def _instruct_once(
             fee_fen=0,
             accept_within_ms=decide_by_ms - now_ms,
             window_id=window_id(now_ms, rules.timezone),
-            user_auth=UserAuth(
-                method="pin",
-                verified_at_ms=verified_at_ms,
-                ref=f"pin-{giver_person_id}-{verified_at_ms}",
-            ),
+            user_auth=user_auth,
             a_hold_id=hold_ref,
         )
         rejection = await _rule_refusal(
@@ -686,12 +716,33 @@ async def on_receiver_message(ctx: WalletContext, msg: Incoming) -> Body | None:
         if row is not None and row["to_node"] != msg.from_node:
             row = None  # another node cannot speak for this grant
         old = None if row is None else machine(row)
+        if isinstance(body, Accept) and old is not None:
+            refusal = _acceptance_refusal(body, old.prepare, msg)
+            if refusal is not None:
+                return refusal  # nothing recorded: the vote proves nothing
         event = giver.MessageArrived(body=body, body_hash=msg.body_hash, now_ms=to_ms(now))
         new, effects = giver.step(old, event)
         reply = await _apply(ctx, conn, row, old, new, effects, now, subject=tid)
     if new is not None and old is not None and new.state != old.state:
         log.info("grant_decided", transfer_id=tid, state=new.state.value, by=msg.typ.value)
     return None if msg.is_reply else reply
+
+
+def _acceptance_refusal(accept: Accept, prepare: Prepare, msg: Incoming) -> ErrorReply | None:
+    """A signed ERROR (3100, class F) for an ACCEPT whose device acceptance does not prove
+    that the receiver signed accepting exactly this grant at B; None if it does (or if B
+    recorded a pin/face acceptance, which is B's word)."""
+    try:
+        device_auth.check_accept_auth(accept, prepare, msg.from_node)
+    except device_auth.DeviceAuthError as exc:
+        log.warning("grant_acceptance_refused", transfer_id=accept.transfer_id, reason=exc.reason)
+        return ErrorReply(
+            ref_typ=MessageType.ACCEPT,
+            ref_hash=msg.body_hash,
+            transfer_id=accept.transfer_id,
+            error=ErrorBody.of(ErrorCode.VALIDATION, f"acceptance: {exc}"[:500], ErrorClass.F),
+        )
+    return None
 
 
 # --- expiry ----------------------------------------------------------------------------------

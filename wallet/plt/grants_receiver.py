@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 import msgspec
 
-from protocol import receiver
+from protocol import device_auth, receiver
 from protocol.clock import (
     ACCEPT_MARGIN_MS,
     RESOLVER_GRACE_MS,
@@ -44,7 +44,7 @@ from protocol.effects import (
     Reply,
     VoidHold,
 )
-from protocol.errors import ErrorCode, ProtocolError
+from protocol.errors import ErrorClass, ErrorCode, ProtocolError
 from protocol.ids import is_uuid7, uuid7
 from protocol.messages import (
     BATCH_MAX,
@@ -65,11 +65,11 @@ from protocol.messages import (
     encode_body,
 )
 from protocol.receiver import ReceiverState, ReceiverTransfer
-from wallet import ledger
+from wallet import devices, ledger
 from wallet.context import WalletContext
+from wallet.devices import DeviceSignature
 from wallet.errors import ErrorCode as WalletCode
 from wallet.errors import WalletError
-from wallet.payment_password import verify_payment_password
 from wallet.plt import outbox, quota
 from wallet.plt.dispatch import Incoming, handles
 from wallet.plt.grants_base import (
@@ -139,7 +139,8 @@ SELECT {_COLUMNS} FROM grant_in WHERE receiver_person_id = $1
 ORDER BY received_at DESC, transfer_id DESC LIMIT $2
 """
 _FIND_FOR_RECEIVER = """
-SELECT from_node FROM grant_in WHERE transfer_id = $1 AND receiver_person_id = $2 LIMIT 2
+SELECT from_node, amount_fen FROM grant_in
+WHERE transfer_id = $1 AND receiver_person_id = $2 LIMIT 2
 """
 _DUE_FOR_STATUS = f"""
 SELECT {_COLUMNS} FROM grant_in
@@ -387,6 +388,17 @@ async def on_prepare(ctx: WalletContext, msg: Incoming) -> Body | None:
             ref_hash=msg.body_hash,
             transfer_id=prepare.transfer_id,
             error=ErrorBody.of(ErrorCode.VALIDATION, "giver.node is not the sender"),
+        )
+    try:  # before holding anything: a node cannot invent a grant its user never signed
+        device_auth.check_prepare_auth(prepare, msg.from_node)
+    except device_auth.DeviceAuthError as exc:
+        log.warning("grant_user_auth_refused", transfer_id=prepare.transfer_id, reason=exc.reason)
+        return ErrorReply(
+            ref_typ=MessageType.PREPARE,
+            ref_hash=msg.body_hash,
+            transfer_id=prepare.transfer_id,
+            error=ErrorBody.of(ErrorCode.VALIDATION, f"user_auth: {exc}"[:500], ErrorClass.F),
+            differs=tuple(f"user_auth.{d}" for d in exc.differs),
         )
 
     async def attempt() -> Body | None:
@@ -728,7 +740,8 @@ async def resolve_once(ctx: WalletContext, limit: int = RESOLVE_BATCH) -> int:
 # --- the receiver in the app -------------------------------------------------------------------
 
 
-async def _locate(ctx: WalletContext, person_id: int, transfer_id: str) -> str:
+async def _locate(ctx: WalletContext, person_id: int, transfer_id: str) -> tuple[str, int]:
+    """The giver node and the amount of a grant offered to this person."""
     rows = (
         await ctx.pool.fetch(_FIND_FOR_RECEIVER, transfer_id, person_id)
         if is_uuid7(transfer_id)
@@ -738,36 +751,63 @@ async def _locate(ctx: WalletContext, person_id: int, transfer_id: str) -> str:
         raise WalletError(WalletCode.NOT_FOUND, f"no grant {transfer_id} offered to you")
     if len(rows) > 1:  # two giver nodes used one id: refuse rather than guess
         raise WalletError(WalletCode.STATE_CONFLICT, "ambiguous grant id; contact support")
-    from_node: str = rows[0]["from_node"]
-    return from_node
+    return rows[0]["from_node"], rows[0]["amount_fen"]
 
 
 async def accept(
-    ctx: WalletContext, person_id: int, transfer_id: str, *, payment_password: str
+    ctx: WalletContext,
+    person_id: int,
+    transfer_id: str,
+    *,
+    payment_password: str | None = None,
+    device: DeviceSignature | None = None,
 ) -> IncomingGrantView:
-    """The receiver accepts (payment password): B sends a binding ACCEPT to the giver node."""
-    from_node = await _locate(ctx, person_id, transfer_id)
-    await verify_payment_password(ctx, person_id, payment_password)
+    """The receiver accepts (a device signature, or the payment password): B sends a binding
+    ACCEPT to the giver node; a device's signed acceptance travels in it for A to check."""
+    from_node, amount_fen = await _locate(ctx, person_id, transfer_id)
+    verified = await devices.authorise(
+        ctx, person_id, payment_password=payment_password, device=device,
+        action="grant.accept", ids={"transfer_id": transfer_id}, amount_fen=amount_fen,
+        person=devices.receiver_ref(person_id),
+    )  # fmt: skip
+    acceptance = (
+        Acceptance(method="pin", ref=f"pin-{person_id}-{to_ms(ctx.clock.now())}")
+        if verified is None
+        else Acceptance(method="device", ref=verified.proof.kid, device=verified.proof)
+    )
     with grant_log_context(ctx.node_id, transfer_id):
         return await _receiver_answers(
-            ctx, from_node, transfer_id, accepts=True, person_id=person_id
+            ctx, from_node, transfer_id, accepts=True, acceptance=acceptance
         )
 
 
 async def decline(
-    ctx: WalletContext, person_id: int, transfer_id: str, *, payment_password: str
+    ctx: WalletContext,
+    person_id: int,
+    transfer_id: str,
+    *,
+    payment_password: str | None = None,
+    device: DeviceSignature | None = None,
 ) -> IncomingGrantView:
-    """The receiver declines (payment password): B sends DECLINE; the hold waits for A."""
-    from_node = await _locate(ctx, person_id, transfer_id)
-    await verify_payment_password(ctx, person_id, payment_password)
+    """The receiver declines (device signature or payment password): B sends DECLINE; the
+    hold waits for A."""
+    from_node, amount_fen = await _locate(ctx, person_id, transfer_id)
+    await devices.authorise(
+        ctx, person_id, payment_password=payment_password, device=device,
+        action="grant.decline", ids={"transfer_id": transfer_id}, amount_fen=amount_fen,
+        person=devices.receiver_ref(person_id),
+    )  # fmt: skip
     with grant_log_context(ctx.node_id, transfer_id):
-        return await _receiver_answers(
-            ctx, from_node, transfer_id, accepts=False, person_id=person_id
-        )
+        return await _receiver_answers(ctx, from_node, transfer_id, accepts=False, acceptance=None)
 
 
 async def _receiver_answers(
-    ctx: WalletContext, from_node: str, transfer_id: str, *, accepts: bool, person_id: int
+    ctx: WalletContext,
+    from_node: str,
+    transfer_id: str,
+    *,
+    accepts: bool,
+    acceptance: Acceptance | None,
 ) -> IncomingGrantView:
     now = ctx.clock.now()
     now_ms = to_ms(now)
@@ -776,11 +816,8 @@ async def _receiver_answers(
         assert row is not None
         old = machine(row)
         event: receiver.ReceiverEvent = (
-            receiver.ReceiverAccepts(
-                acceptance=Acceptance(method="pin", ref=f"pin-{person_id}-{now_ms}"),
-                now_ms=now_ms,
-            )
-            if accepts
+            receiver.ReceiverAccepts(acceptance=acceptance, now_ms=now_ms)
+            if accepts and acceptance is not None
             else receiver.ReceiverDeclines(now_ms=now_ms)
         )
         new, effects = receiver.step(old, event)

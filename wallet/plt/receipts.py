@@ -10,6 +10,12 @@ and no database: every signature, who sent what to whom, and the hash chain
     DECISION.vote_hash = sha256(ACCEPT.body), DECISION.outcome = COMMIT
     ACK.decision_hash = sha256(DECISION.body), ACK.final_state = COMMITTED
 
+The device signatures travel inside: a PREPARE whose `user_auth` is `device` carries the
+giver's signed instruction, an ACCEPT whose `acceptance` is `device` the receiver's signed
+acceptance; both are checked too (`protocol.device_auth`), so a receipt proves that these
+two people's phones authorised exactly this grant. `giver_auth` / `receiver_auth` say how
+each side authorised (`device:<kid>`, or `pin`/`face`: that node's word only).
+
 Signatures are checked with the key valid when the envelope says it was made
 (`created_at_ms`): a key rotated out since still proves old evidence (PROTOCOL b.11), and a
 key revoked before that instant does not.
@@ -24,6 +30,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from protocol import device_auth
 from protocol.directory import Peer
 from protocol.envelope import Envelope, decode_envelope, verify_signature
 from protocol.errors import ProtocolError
@@ -85,6 +92,8 @@ class Verdict(msgspec.Struct, frozen=True, kw_only=True):
     amount_fen: int | None
     outcome: str | None
     problems: tuple[str, ...]
+    giver_auth: str | None = None
+    receiver_auth: str | None = None
 
 
 RootKeys = Mapping[str, tuple[str, str]]  # node -> (root_kid, root_pub base64url)
@@ -217,7 +226,7 @@ def verify_receipt(doc: bytes | Mapping[str, Any] | Receipt, root_keys: RootKeys
         if opened is not None:
             bodies[typ] = opened
     outcome = _check_chain(receipt, bodies, problems)
-    return _verdict(receipt, outcome, problems)
+    return _verdict(receipt, outcome, problems, bodies)
 
 
 def _as_receipt(doc: bytes | Mapping[str, Any] | Receipt) -> Receipt:
@@ -319,11 +328,36 @@ def _check_chain(
         problems.append("ACK does not acknowledge this COMMIT")
     if prepare.amount_fen != receipt.amount_fen or prepare.giver.node != receipt.giver_node:
         problems.append("the receipt's summary does not match the PREPARE")
+    try:
+        device_auth.check_prepare_auth(prepare, prepare_env.from_node)
+    except device_auth.DeviceAuthError as exc:
+        problems.append(f"PREPARE user_auth: {exc}")
+    try:
+        device_auth.check_accept_auth(accept, prepare, accept_env.from_node)
+    except device_auth.DeviceAuthError as exc:
+        problems.append(f"ACCEPT acceptance: {exc}")
     return decision.outcome.value
 
 
-def _verdict(receipt: Receipt | None, outcome: str | None, problems: list[str]) -> Verdict:
+def _auth_of(method: str, ref: str) -> str:
+    return f"device:{ref}" if method == "device" else method
+
+
+def _verdict(
+    receipt: Receipt | None,
+    outcome: str | None,
+    problems: list[str],
+    bodies: dict[MessageType, tuple[Envelope, Body]] | None = None,
+) -> Verdict:
+    prepare = (bodies or {}).get(MessageType.PREPARE, (None, None))[1]
+    accept = (bodies or {}).get(MessageType.ACCEPT, (None, None))[1]
     return Verdict(
+        giver_auth=_auth_of(prepare.user_auth.method, prepare.user_auth.ref)
+        if isinstance(prepare, Prepare)
+        else None,
+        receiver_auth=_auth_of(accept.acceptance.method, accept.acceptance.ref)
+        if isinstance(accept, Accept)
+        else None,
         valid=not problems,
         transfer_id=None if receipt is None else receipt.transfer_id,
         giver_node=None if receipt is None else receipt.giver_node,

@@ -18,8 +18,9 @@ import asyncpg
 
 from protocol.errors import ValidationFailed
 from protocol.messages import MessageType, RelEnd, RelReply, encode_body
+from wallet import devices
 from wallet.context import WalletContext
-from wallet.payment_password import verify_payment_password
+from wallet.devices import DeviceSignature
 from wallet.plt import outbox
 from wallet.plt.dispatch import Incoming
 from wallet.plt.relations_lookup import load_view
@@ -78,14 +79,22 @@ _STATE_OF_PARTY = "SELECT state FROM cross_relationship WHERE relation_id = $1 A
 
 
 async def end(
-    ctx: WalletContext, person_id: int, relation_id: str, *, payment_password: str
+    ctx: WalletContext,
+    person_id: int,
+    relation_id: str,
+    *,
+    payment_password: str | None = None,
+    device: DeviceSignature | None = None,
 ) -> CrossRelationshipView:
     """Either party ends it at their own node, at any time (RULES 6): REL_END to the other.
 
     Nothing already spent is reversed; unused quota goes back (RULES 7, through the hooks).
     """
     check_relation_id(relation_id)
-    await verify_payment_password(ctx, person_id, payment_password)
+    await devices.authorise(
+        ctx, person_id, payment_password=payment_password, device=device,
+        action="relation.end", ids={"relation_id": relation_id},
+    )  # fmt: skip
     now = ctx.clock.now()
     async with ctx.pool.acquire() as conn, conn.transaction():
         row = await guarded_transition(

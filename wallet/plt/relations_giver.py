@@ -26,11 +26,12 @@ from protocol.messages import (
     encode_body,
 )
 from protocol.messages import RelationType as WireRelationType
+from wallet import devices
 from wallet.context import WalletContext
+from wallet.devices import DeviceSignature, filing_ids
 from wallet.errors import ErrorCode as WalletCode
 from wallet.errors import WalletError
 from wallet.idnumber import normalize_id_number
-from wallet.payment_password import verify_payment_password
 from wallet.plt import outbox
 from wallet.plt.dispatch import Incoming
 from wallet.plt.relations_lookup import load_view
@@ -107,7 +108,8 @@ async def file(
     receiver_name: str,
     relation_type: RelationType,
     evidence_ref: str,
-    payment_password: str,
+    payment_password: str | None = None,
+    device: DeviceSignature | None = None,
 ) -> CrossRelationshipView:
     """The giver files a relationship with a relative insured in another province.
 
@@ -139,7 +141,10 @@ async def file(
             f"province {receiver_province} is not connected to this node for mutual aid",
             reason="province_not_connected",
         ) from None
-    await verify_payment_password(ctx, giver_person_id, payment_password)
+    await devices.authorise(
+        ctx, giver_person_id, payment_password=payment_password, device=device,
+        action="relation.file", ids=filing_ids(receiver_province, id_number, relation_type),
+    )  # fmt: skip
     now = ctx.clock.now()
     async with ctx.pool.acquire() as conn, conn.transaction():
         giver = await conn.fetchrow(_LOCK_GIVER, giver_person_id)

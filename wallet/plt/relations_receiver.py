@@ -21,8 +21,9 @@ from protocol.messages import (
     RelRequest,
     encode_body,
 )
+from wallet import devices
 from wallet.context import WalletContext
-from wallet.payment_password import verify_payment_password
+from wallet.devices import DeviceSignature
 from wallet.plt import outbox
 from wallet.plt.dispatch import Incoming
 from wallet.plt.relations_lookup import load_view
@@ -81,14 +82,22 @@ SELECT state FROM cross_relationship WHERE relation_id = $1 AND person_id = $2 A
 
 
 async def confirm(
-    ctx: WalletContext, receiver_person_id: int, relation_id: str, *, payment_password: str
+    ctx: WalletContext,
+    receiver_person_id: int,
+    relation_id: str,
+    *,
+    payment_password: str | None = None,
+    device: DeviceSignature | None = None,
 ) -> CrossRelationshipView:
     """The receiver agrees from their own wallet (RULES 5): active here, REL_CONFIRM to A.
 
     Grants become possible once A has applied the confirmation.
     """
     check_relation_id(relation_id)
-    await verify_payment_password(ctx, receiver_person_id, payment_password)
+    await devices.authorise(
+        ctx, receiver_person_id, payment_password=payment_password, device=device,
+        action="relation.confirm", ids={"relation_id": relation_id},
+    )  # fmt: skip
     now = ctx.clock.now()
     async with ctx.pool.acquire() as conn, conn.transaction():
         row = await guarded_transition(
