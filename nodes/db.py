@@ -37,8 +37,11 @@ async def _check_durability(conn: asyncpg.Connection) -> None:
         )
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
-    await conn.execute("SET TIME ZONE 'UTC'")
+# Sent in every connection's startup packet, so these are the session's defaults: the
+# pool's reset on release (`RESET ALL`) returns to them. A `SET` in the pool's `init` would be
+# undone by the first release, and the session would fall back to the server's or database's
+# own time zone (issue 14); dates computed in SQL (calendar days, windows, months) are UTC.
+SERVER_SETTINGS: dict[str, str] = {"timezone": "UTC"}
 
 
 @contextlib.asynccontextmanager
@@ -58,7 +61,7 @@ async def open_pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
         dsn,
         min_size=settings.db_pool_min,
         max_size=settings.db_pool_max,
-        init=_init_connection,
+        server_settings=SERVER_SETTINGS,
     )
     try:
         async with pool.acquire() as conn:
