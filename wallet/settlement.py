@@ -54,6 +54,15 @@ PAYMENT_CODE_DIGITS = 18
 REFERENCE_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 _REFERENCE = re.compile(REFERENCE_PATTERN)
 _ISSUE_ATTEMPTS = 3
+# Codes stay this long after they expire (used or not: every code expires ttl after issue),
+# so a retry of a spent code soon after is still told `payment_code_used`/`_expired` rather
+# than "unknown"; then the purge deletes them, at most PURGE_BATCH per pass (issue 14: the
+# table grew forever). Kept short so the table stays small: the purge finds old codes
+# without an index on expires_at (the oldest rows come first in a sequential scan, and
+# the scan stops at the batch size).
+PAYMENT_CODE_RETENTION = dt.timedelta(hours=1)
+PURGE_BATCH = 5000
+PURGE_INTERVAL_S = 60.0
 
 SourceKind = Literal["own", "giver", "quota"]
 
@@ -282,6 +291,23 @@ async def issue_payment_code(ctx: WalletContext, person_id: int) -> PaymentCodeV
             continue
         return PaymentCodeView(code=code, expires_at=expires_at)
     raise AssertionError("unreachable")
+
+
+# Bounded, and SKIP LOCKED: replicas (or worker processes) purging at once take disjoint
+# rows instead of queueing on each other; a code being used right now is locked and left.
+_PURGE_CODES = """
+DELETE FROM payment_code WHERE code_hash IN (
+    SELECT code_hash FROM payment_code WHERE expires_at < $1
+    LIMIT $2 FOR UPDATE SKIP LOCKED)
+"""
+
+
+async def purge_payment_codes(ctx: WalletContext, limit: int = PURGE_BATCH) -> int:
+    """Delete up to `limit` codes that expired more than PAYMENT_CODE_RETENTION ago (used or
+    not); return how many. A worker pass: it runs again at once while it finds work."""
+    cutoff = ctx.clock.now() - PAYMENT_CODE_RETENTION
+    status: str = await ctx.pool.execute(_PURGE_CODES, cutoff, limit)
+    return int(status.split()[-1])
 
 
 # --- pure planning ---------------------------------------------------------------------------
