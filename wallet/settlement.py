@@ -30,10 +30,12 @@ refund to a quota closed since then moves on to the giver's node at once (a new 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
+import json
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,7 +46,7 @@ from wallet import audit
 from wallet.context import WalletContext
 from wallet.credentials import digest, new_numeric_code
 from wallet.errors import ErrorCode, WalletError
-from wallet.ledger import MAX_AMOUNT_FEN, balance, lock_accounts, transfer
+from wallet.ledger import MAX_AMOUNT_FEN, lock_accounts, transfer
 from wallet.plt import quota
 from wallet.privacy import mask_name
 from wallet.rules import FORBIDDEN_CATEGORIES, DeductionStrategy, ProvinceRules, SettlementCategory
@@ -151,21 +153,27 @@ _PERSON_STATUS = "SELECT status FROM insured_person WHERE id = $1"
 _INSERT_CODE = """
 INSERT INTO payment_code (code_hash, person_id, created_at, expires_at) VALUES ($1, $2, $3, $4)
 """
+# The code is consumed (guarded: unused and unexpired) and its patient share-locked in one
+# statement. Share-locked first: the patient's status cannot change under the payment, and
+# a roster change that would end their relationships waits here instead of crossing our
+# relationship locks (which would deadlock).
 _USE_CODE = """
-UPDATE payment_code SET used_at = $2
-WHERE code_hash = $1 AND used_at IS NULL AND expires_at > $2
-RETURNING person_id
+WITH code AS (
+    UPDATE payment_code SET used_at = $2
+    WHERE code_hash = $1 AND used_at IS NULL AND expires_at > $2
+    RETURNING person_id)
+SELECT p.id, p.status, p.personal_account_id, p.name
+FROM insured_person p JOIN code ON p.id = code.person_id
+FOR SHARE OF p
 """
 _CODE_STATE = "SELECT used_at, expires_at FROM payment_code WHERE code_hash = $1"
-# Share-locked first: the patient's status cannot change under the payment, and a roster
-# change that would end their relationships waits here instead of crossing our
-# relationship locks (which would deadlock).
-_PATIENT = "SELECT status, personal_account_id FROM insured_person WHERE id = $1 FOR SHARE"
 # Givers who may pay for this patient now (RULES 1, 19). Share-locking the relationship
 # rows makes a concurrent ending wait until this payment commits (or see it ended); they
-# are locked in id order, like every multi-row relationship lock.
+# are locked in id order, like every multi-row relationship lock. Their balances are read
+# later, under the account locks.
 _LOCK_GIVERS = """
-SELECT r.id AS relationship_id, g.personal_account_id AS account_id
+SELECT r.id AS relationship_id, g.personal_account_id AS account_id, r.filed_at,
+       r.receiver_priority, g.name
 FROM relationship r
 JOIN insured_person g ON g.id = r.giver_person_id
 JOIN wallet w ON w.person_id = g.id
@@ -175,34 +183,42 @@ WHERE r.receiver_person_id = $1 AND r.state = 'active'
 ORDER BY r.id
 FOR SHARE OF r
 """
-# The same givers with their balances, read after the accounts are locked, in the order of
-# one deduction strategy each (fixed statements, chosen by the province's setting).
-_GIVERS_COLUMNS = """
-SELECT r.id AS relationship_id, a.id AS account_id, r.filed_at, r.receiver_priority,
-       a.credits_posted - a.debits_posted - a.debits_pending AS available_fen
-FROM relationship r
-JOIN insured_person g ON g.id = r.giver_person_id
-JOIN account a ON a.id = g.personal_account_id
-WHERE r.id = ANY($1::bigint[])
+# Every account the payment may touch, locked in id order (as wallet.ledger.lock_accounts),
+# returning the balances the plan is made from.
+_LOCK_AND_READ = """
+SELECT id, credits_posted - debits_posted - debits_pending AS available_fen
+FROM account WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE
 """
-_GIVERS_IN_ORDER: dict[DeductionStrategy, str] = {
-    "filing_order": _GIVERS_COLUMNS + "ORDER BY r.id",
-    "giver_balance_desc": _GIVERS_COLUMNS + "ORDER BY available_fen DESC, r.id",
-    "receiver_order": _GIVERS_COLUMNS + "ORDER BY r.receiver_priority NULLS LAST, r.id",
-}
+# The settlement, its sources, their ledger transfers (the insert trigger moves the
+# balances and refuses an overdraft, as for wallet.ledger.transfer) and the audit event,
+# in one statement. Sources and transfers are written in deduction order.
+_RECORD = """
+WITH s AS (
+    INSERT INTO settlement
+        (institution_id, reference, request_hash, patient_person_id, category, requested_fen,
+         amount_fen, created_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+    RETURNING id),
+plan AS (
+    SELECT * FROM unnest($9::text[], $10::bigint[], $11::bigint[], $12::bigint[])
+        WITH ORDINALITY AS x(source, account_id, relationship_id, amount_fen, n)),
+src AS (
+    INSERT INTO settlement_source
+        (settlement_id, seq, source, account_id, relationship_id, amount_fen)
+    SELECT s.id, plan.n - 1, plan.source, plan.account_id, plan.relationship_id, plan.amount_fen
+    FROM s, plan ORDER BY plan.n),
+moved AS (
+    INSERT INTO ledger_transfer
+        (debit_account_id, credit_account_id, amount_fen, phase, purpose, settlement_id)
+    SELECT plan.account_id, $13, plan.amount_fen, 'single', $5, s.id
+    FROM s, plan ORDER BY plan.n),
+audited AS (
+    INSERT INTO audit_event (at, actor, action, subject, request_id, detail)
+    SELECT $8, $14, 'settlement.charge', 'settlement:' || s.id, $15, $16::jsonb FROM s)
+SELECT id FROM s
+"""
 _FIND_SETTLEMENT = """
 SELECT id, request_hash FROM settlement WHERE institution_id = $1 AND reference = $2
-"""
-_INSERT_SETTLEMENT = """
-INSERT INTO settlement
-    (institution_id, reference, request_hash, patient_person_id, category, requested_fen,
-     amount_fen, created_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-RETURNING id
-"""
-_INSERT_SOURCE = """
-INSERT INTO settlement_source (settlement_id, seq, source, account_id, relationship_id, amount_fen)
-VALUES ($1, $2, $3, $4, $5, $6)
 """
 _SETTLEMENT_VIEW = """
 SELECT s.id, s.reference, s.category, s.requested_fen, s.amount_fen, s.refunded_fen,
@@ -379,6 +395,19 @@ def check_category(
 # --- settlement ------------------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def _connection(
+    ctx: WalletContext, conn: asyncpg.Connection | None
+) -> AsyncIterator[asyncpg.Connection]:
+    """The request's own connection if it has one (the API's: the key lookup ran on it), else
+    one from the pool. One connection per request: each release costs the pool's reset."""
+    if conn is not None:
+        yield conn
+        return
+    async with ctx.pool.acquire() as acquired:
+        yield acquired
+
+
 async def settle(
     ctx: WalletContext,
     institution: SettlingInstitution,
@@ -388,54 +417,66 @@ async def settle(
     category: str,
     reference: str,
     allow_partial: bool = False,
+    conn: asyncpg.Connection | None = None,
 ) -> tuple[SettlementView, bool]:
     """Charge a patient's accounts for a payment at an institution; return the settlement and
-    whether it was made now (False: an identical earlier request is replayed)."""
+    whether it was made now (False: an identical earlier request is replayed).
+
+    A new payment is tried first; only when it cannot be made (the reference is taken, the
+    code is used, anything refused) is a stored settlement under the reference looked for:
+    if there is one it answers (the replay, or `idempotency_conflict`), as if it had been
+    looked up first. A first request, by far the most frequent, so skips a round trip.
+    """
     _check_amount(amount_fen)
     _check_reference(reference)
     code_hash = digest(payment_code)
     request_hash = _hash(amount_fen, category, allow_partial, code_hash.hex())
-    replay = await _replay_settlement(ctx, institution, reference, request_hash)
-    if replay is not None:
-        return replay, False
-    check_category(ctx.rules, institution.categories, category)
-    try:
-        view = await _settle_new(
-            ctx,
-            institution,
-            code_hash,
-            amount_fen,
-            category,
-            reference,
-            allow_partial,
-            request_hash,
-        )
-    except _ReferenceTaken:
-        replay = await _replay_settlement(ctx, institution, reference, request_hash)
-        if replay is None:  # pragma: no cover - the winner's row is committed
-            raise
-        return replay, False
-    except WalletError as exc:
-        # An identical request may have raced us to the code and won: that is a replay.
-        if exc.code is ErrorCode.PAYMENT_CODE_USED:
-            replay = await _replay_settlement(ctx, institution, reference, request_hash)
+    async with _connection(ctx, conn) as db:
+        try:
+            check_category(ctx.rules, institution.categories, category)
+            view = await _settle_new(
+                db,
+                ctx,
+                institution,
+                code_hash,
+                amount_fen,
+                category,
+                reference,
+                allow_partial,
+                request_hash,
+            )
+        except _ReferenceTaken:
+            replay = await _replay_settlement(db, institution, reference, request_hash)
+            if replay is None:  # pragma: no cover - the winner's row is committed
+                raise
+            return replay, False
+        except WalletError:
+            # Refused as new; an identical earlier request (e.g. one that won the race to the
+            # code) is a replay, another one under this reference a conflict.
+            replay = await _replay_settlement(db, institution, reference, request_hash)
             if replay is not None:
                 return replay, False
-        raise
-    return view, True
+            raise
+        return view, True
 
 
-async def get_settlement(ctx: WalletContext, institution_id: int, reference: str) -> SettlementView:
+async def get_settlement(
+    ctx: WalletContext,
+    institution_id: int,
+    reference: str,
+    conn: asyncpg.Connection | None = None,
+) -> SettlementView:
     """One of the institution's settlements; others' are not found."""
     _check_reference(reference, for_lookup=True)
-    async with ctx.pool.acquire() as conn:
-        row = await conn.fetchrow(_FIND_SETTLEMENT, institution_id, reference)
+    async with _connection(ctx, conn) as db:
+        row = await db.fetchrow(_FIND_SETTLEMENT, institution_id, reference)
         if row is None:
             raise WalletError(ErrorCode.NOT_FOUND, f"no settlement has reference {reference}")
-        return await _settlement_view(conn, row["id"])
+        return await _settlement_view(db, row["id"])
 
 
 async def _settle_new(
+    conn: asyncpg.Connection,
     ctx: WalletContext,
     institution: SettlingInstitution,
     code_hash: bytes,
@@ -446,9 +487,9 @@ async def _settle_new(
     request_hash: bytes,
 ) -> SettlementView:
     now = ctx.clock.now()
-    async with ctx.pool.acquire() as conn, conn.transaction():
-        patient_id = await _use_payment_code(conn, code_hash, now)
-        candidates = await _lock_and_rank_sources(conn, ctx.rules, institution, patient_id)
+    async with conn.transaction():
+        patient = await _use_payment_code(conn, code_hash, now)
+        candidates, names = await _lock_and_rank_sources(conn, ctx.rules, institution, patient)
         plan = plan_deduction(amount_fen, candidates)
         covered_fen = sum(take for _, take in plan)
         if covered_fen == 0 or (covered_fen < amount_fen and not allow_partial):
@@ -457,45 +498,59 @@ async def _settle_new(
                 ErrorCode.INSUFFICIENT_FUNDS,
                 "the patient's own and shared accounts do not cover the amount",
             )
-        try:
-            settlement_id: int = await conn.fetchval(
-                _INSERT_SETTLEMENT,
-                institution.institution_id,
-                reference,
-                request_hash,
-                patient_id,
-                category,
-                amount_fen,
-                covered_fen,
-                now,
-            )
-        except asyncpg.UniqueViolationError as exc:
-            raise _ReferenceTaken from exc
-        await _record_sources(conn, settlement_id, institution.account_id, category, plan)
-        await audit.record(
+        patient_id: int = patient["id"]
+        settlement_id = await _record(
             conn,
-            at=now,
-            actor=f"institution:{institution.institution_id}",
-            action="settlement.charge",
-            subject=f"settlement:{settlement_id}",
+            institution,
+            now=now,
             reference=reference,
-            patient=f"person:{patient_id}",
+            request_hash=request_hash,
+            patient_id=patient_id,
             category=category,
             requested_fen=amount_fen,
-            amount_fen=covered_fen,
-            sources=[
-                {"source": c.source, "account_id": c.account_id, "amount_fen": take}
-                for c, take in plan
-            ],
+            covered_fen=covered_fen,
+            plan=plan,
         )
-        return await _settlement_view(conn, settlement_id)
+        if any(c.source == "quota" for c, _ in plan):
+            # A quota's giver is named by the quota row: read the view as a replay would.
+            return await _settlement_view(conn, settlement_id)
+        return SettlementView(
+            reference=reference,
+            settlement_id=settlement_id,
+            category=SettlementCategory(category),
+            patient_name_masked=mask_name(patient["name"]),
+            requested_fen=amount_fen,
+            amount_fen=covered_fen,
+            remainder_fen=amount_fen - covered_fen,
+            refunded_fen=0,
+            sources=[
+                SourceView(
+                    seq=seq,
+                    source=c.source,
+                    amount_fen=take,
+                    refunded_fen=0,
+                    relationship_id=c.relationship_id,
+                    giver_name_masked=(
+                        None if c.relationship_id is None else mask_name(names[c.relationship_id])
+                    ),
+                )
+                for seq, (c, take) in enumerate(plan)
+            ],
+            created_at=now,
+        )
 
 
-async def _use_payment_code(conn: asyncpg.Connection, code_hash: bytes, now: dt.datetime) -> int:
-    """Mark the code used (guarded); return the patient it belongs to."""
-    person_id: int | None = await conn.fetchval(_USE_CODE, code_hash, now)
-    if person_id is not None:
-        return person_id
+async def _use_payment_code(
+    conn: asyncpg.Connection, code_hash: bytes, now: dt.datetime
+) -> asyncpg.Record:
+    """Mark the code used (guarded) and share-lock its patient; return the patient's row."""
+    patient: asyncpg.Record | None = await conn.fetchrow(_USE_CODE, code_hash, now)
+    if patient is not None:
+        if patient["status"] != "normal":
+            raise WalletError(
+                ErrorCode.PERSON_NOT_ELIGIBLE, "the patient is not in normal insured status"
+            )
+        return patient
     row = await conn.fetchrow(_CODE_STATE, code_hash)
     if row is None:
         raise WalletError(ErrorCode.NOT_FOUND, "unknown payment code")
@@ -504,105 +559,151 @@ async def _use_payment_code(conn: asyncpg.Connection, code_hash: bytes, now: dt.
     raise WalletError(ErrorCode.PAYMENT_CODE_EXPIRED, "the payment code has expired")
 
 
+def _rank_givers(
+    strategy: DeductionStrategy, givers: Sequence[asyncpg.Record], available: dict[int, int]
+) -> list[quota.SharedSource]:
+    """The in-province givers in the province's order (RULES 19), from balances read under
+    the account locks: `filing_order` by relationship id, `giver_balance_desc` the larger
+    available balance first, `receiver_order` the receiver's priorities (unset last); ties
+    by relationship id."""
+
+    def key(g: asyncpg.Record) -> tuple[int, int, int]:
+        if strategy == "giver_balance_desc":
+            return 0, -available[g["account_id"]], g["relationship_id"]
+        if strategy == "receiver_order":
+            priority = g["receiver_priority"]
+            return (
+                (0, priority, g["relationship_id"])
+                if priority is not None
+                else (
+                    1,
+                    0,
+                    g["relationship_id"],
+                )
+            )
+        return 0, 0, g["relationship_id"]
+
+    return [
+        quota.SharedSource(
+            "giver",
+            g["account_id"],
+            g["relationship_id"],
+            available[g["account_id"]],
+            g["filed_at"],
+            g["receiver_priority"],
+        )
+        for g in sorted(givers, key=key)
+    ]
+
+
 async def _lock_and_rank_sources(
     conn: asyncpg.Connection,
     rules: ProvinceRules,
     institution: SettlingInstitution,
-    patient_id: int,
-) -> list[Candidate]:
+    patient: asyncpg.Record,
+) -> tuple[list[Candidate], dict[int, str]]:
     """Lock every account the payment may touch (id order), then rank the sources using
-    the balances read under those locks."""
-    patient = await conn.fetchrow(_PATIENT, patient_id)
-    if patient["status"] != "normal":
-        raise WalletError(
-            ErrorCode.PERSON_NOT_ELIGIBLE, "the patient is not in normal insured status"
-        )
+    the balances read under those locks. Also returns the givers' names by relationship."""
     own_account_id: int | None = patient["personal_account_id"]
-    givers = await conn.fetch(_LOCK_GIVERS, patient_id)
-    quotas = await quota.spendable_quotas(conn, patient_id)
-    accounts = [
+    givers = await conn.fetch(_LOCK_GIVERS, patient["id"])
+    quotas = await quota.spendable_quotas(conn, patient["id"])
+    accounts = {
         institution.account_id,
         *(g["account_id"] for g in givers),
         *(q.account_id for q in quotas),
-    ]
+    }
     if own_account_id is not None:
-        accounts.append(own_account_id)
-    await lock_accounts(conn, accounts)
+        accounts.add(own_account_id)
+    available: dict[int, int] = {
+        r["id"]: r["available_fen"] for r in await conn.fetch(_LOCK_AND_READ, sorted(accounts))
+    }
 
     candidates: list[Candidate] = []
     if own_account_id is not None:
-        own = await balance(conn, own_account_id)
-        candidates.append(Candidate("own", own_account_id, None, own.available_fen))
-    shared: list[quota.SharedSource] = []
-    if givers:
-        ranked = await conn.fetch(
-            _GIVERS_IN_ORDER[rules.deduction_strategy], [g["relationship_id"] for g in givers]
-        )
-        shared.extend(
-            quota.SharedSource(
-                "giver",
-                r["account_id"],
-                r["relationship_id"],
-                r["available_fen"],
-                r["filed_at"],
-                r["receiver_priority"],
-            )
-            for r in ranked
-        )
+        candidates.append(Candidate("own", own_account_id, None, available[own_account_id]))
+    shared = _rank_givers(rules.deduction_strategy, givers, available)
     # Cross-province quotas go among the givers by the same strategy (RULES 19).
-    quota_sources = await quota.quota_sources(conn, patient_id, quotas)
+    quota_sources = await quota.quota_sources(conn, patient["id"], quotas)
     candidates.extend(
         Candidate(s.source, s.account_id, s.relationship_id, s.available_fen)
         for s in quota.rank_shared_sources(rules.deduction_strategy, shared, quota_sources)
     )
     # Refunds find their source by account: each account may appear once.
     assert len({c.account_id for c in candidates}) == len(candidates), "a source account repeats"
-    return candidates
+    return candidates, {g["relationship_id"]: g["name"] for g in givers}
 
 
-async def _record_sources(
+async def _record(
     conn: asyncpg.Connection,
-    settlement_id: int,
-    institution_account_id: int,
+    institution: SettlingInstitution,
+    *,
+    now: dt.datetime,
+    reference: str,
+    request_hash: bytes,
+    patient_id: int,
     category: str,
+    requested_fen: int,
+    covered_fen: int,
     plan: list[tuple[Candidate, int]],
-) -> None:
-    for seq, (candidate, take) in enumerate(plan):
-        await conn.execute(
-            _INSERT_SOURCE,
-            settlement_id,
-            seq,
-            candidate.source,
-            candidate.account_id,
-            candidate.relationship_id,
-            take,
+) -> int:
+    """Write the settlement, its sources, transfers and audit event (one round trip)."""
+    detail = {
+        "reference": reference,
+        "patient": f"person:{patient_id}",
+        "category": category,
+        "requested_fen": requested_fen,
+        "amount_fen": covered_fen,
+        "sources": [
+            {"source": c.source, "account_id": c.account_id, "amount_fen": take} for c, take in plan
+        ],
+    }
+    try:
+        settlement_id: int = await conn.fetchval(
+            _RECORD,
+            institution.institution_id,
+            reference,
+            request_hash,
+            patient_id,
+            category,
+            requested_fen,
+            covered_fen,
+            now,
+            [c.source for c, _ in plan],
+            [c.account_id for c, _ in plan],
+            [c.relationship_id for c, _ in plan],
+            [take for _, take in plan],
+            institution.account_id,
+            f"institution:{institution.institution_id}",
+            audit.current_request_id(),
+            json.dumps(detail),
         )
-        await transfer(
-            conn,
-            debit_account_id=candidate.account_id,
-            credit_account_id=institution_account_id,
-            amount_fen=take,
-            purpose=category,
-            settlement_id=settlement_id,
-        )
+    except asyncpg.UniqueViolationError as exc:
+        raise _ReferenceTaken from exc
+    except asyncpg.CheckViolationError as exc:
+        # Balances were read under the locks, so this cannot happen; never a 500 if it does.
+        if exc.constraint_name == "account_no_overdraft":
+            raise WalletError(
+                ErrorCode.INSUFFICIENT_FUNDS, "the account does not have enough available"
+            ) from exc
+        raise
+    return settlement_id
 
 
 async def _replay_settlement(
-    ctx: WalletContext,
+    conn: asyncpg.Connection,
     institution: SettlingInstitution,
     reference: str,
     request_hash: bytes,
 ) -> SettlementView | None:
-    async with ctx.pool.acquire() as conn:
-        row = await conn.fetchrow(_FIND_SETTLEMENT, institution.institution_id, reference)
-        if row is None:
-            return None
-        if row["request_hash"] != request_hash:
-            raise WalletError(
-                ErrorCode.IDEMPOTENCY_CONFLICT,
-                f"reference {reference} was already used for another settlement",
-            )
-        return await _settlement_view(conn, row["id"])
+    row = await conn.fetchrow(_FIND_SETTLEMENT, institution.institution_id, reference)
+    if row is None:
+        return None
+    if row["request_hash"] != request_hash:
+        raise WalletError(
+            ErrorCode.IDEMPOTENCY_CONFLICT,
+            f"reference {reference} was already used for another settlement",
+        )
+    return await _settlement_view(conn, row["id"])
 
 
 async def _settlement_view(conn: asyncpg.Connection, settlement_id: int) -> SettlementView:
@@ -642,6 +743,7 @@ async def refund(
     *,
     reference: str,
     amount_fen: int | None = None,
+    conn: asyncpg.Connection | None = None,
 ) -> tuple[RefundView, bool]:
     """Give (part of) a settlement back to the exact accounts it came from (RULES 20).
 
@@ -653,22 +755,24 @@ async def refund(
     if amount_fen is not None:
         _check_amount(amount_fen)
     request_hash = _hash(settlement_reference, amount_fen)
-    replay = await _replay_refund(ctx, institution, reference, request_hash)
-    if replay is not None:
-        return replay, False
-    try:
-        view = await _refund_new(
-            ctx, institution, settlement_reference, reference, amount_fen, request_hash
-        )
-    except _ReferenceTaken:
-        replay = await _replay_refund(ctx, institution, reference, request_hash)
-        if replay is None:  # pragma: no cover - the winner's row is committed
-            raise
-        return replay, False
-    return view, True
+    async with _connection(ctx, conn) as db:
+        replay = await _replay_refund(db, institution, reference, request_hash)
+        if replay is not None:
+            return replay, False
+        try:
+            view = await _refund_new(
+                db, ctx, institution, settlement_reference, reference, amount_fen, request_hash
+            )
+        except _ReferenceTaken:
+            replay = await _replay_refund(db, institution, reference, request_hash)
+            if replay is None:  # pragma: no cover - the winner's row is committed
+                raise
+            return replay, False
+        return view, True
 
 
 async def _refund_new(
+    conn: asyncpg.Connection,
     ctx: WalletContext,
     institution: SettlingInstitution,
     settlement_reference: str,
@@ -677,7 +781,7 @@ async def _refund_new(
     request_hash: bytes,
 ) -> RefundView:
     now = ctx.clock.now()
-    async with ctx.pool.acquire() as conn, conn.transaction():
+    async with conn.transaction():
         settlement = await conn.fetchrow(
             _LOCK_SETTLEMENT, institution.institution_id, settlement_reference
         )
@@ -750,21 +854,20 @@ async def _guard(conn: asyncpg.Connection, statement: str, *args: object) -> Non
 
 
 async def _replay_refund(
-    ctx: WalletContext,
+    conn: asyncpg.Connection,
     institution: SettlingInstitution,
     reference: str,
     request_hash: bytes,
 ) -> RefundView | None:
-    async with ctx.pool.acquire() as conn:
-        row = await conn.fetchrow(_FIND_REFUND, institution.institution_id, reference)
-        if row is None:
-            return None
-        if row["request_hash"] != request_hash:
-            raise WalletError(
-                ErrorCode.IDEMPOTENCY_CONFLICT,
-                f"reference {reference} was already used for another refund",
-            )
-        return await _refund_view(conn, row["id"])
+    row = await conn.fetchrow(_FIND_REFUND, institution.institution_id, reference)
+    if row is None:
+        return None
+    if row["request_hash"] != request_hash:
+        raise WalletError(
+            ErrorCode.IDEMPOTENCY_CONFLICT,
+            f"reference {reference} was already used for another refund",
+        )
+    return await _refund_view(conn, row["id"])
 
 
 async def _refund_view(conn: asyncpg.Connection, refund_id: int) -> RefundView:

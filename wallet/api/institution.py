@@ -6,13 +6,19 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import asyncpg
 import msgspec
 from litestar import Controller, Response, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, JSONBody
 
 from wallet import settlement
-from wallet.api.auth import InstitutionCaller, provide_ctx, provide_institution
+from wallet.api.auth import (
+    InstitutionCaller,
+    provide_connection,
+    provide_ctx,
+    provide_institution,
+)
 from wallet.api.body import StrictBody
 from wallet.context import WalletContext
 from wallet.ledger import MAX_AMOUNT_FEN
@@ -53,13 +59,19 @@ def _settling(caller: InstitutionCaller) -> SettlingInstitution:
 class InstitutionSettlementsController(Controller):
     path = "/institution/v1/settlements"
     tags = ["institution: settlements"]
-    dependencies = {"institution": Provide(provide_institution), "ctx": Provide(provide_ctx)}
+    # One connection per request: the key lookup and the handler share it (`conn`).
+    dependencies = {
+        "conn": Provide(provide_connection),
+        "institution": Provide(provide_institution),
+        "ctx": Provide(provide_ctx),
+    }
 
     @post("/", operation_id="institution_settle", dto=StrictBody[SettleRequest], return_dto=None)
     async def settle(
         self,
         ctx: NamedDependency[WalletContext],
         institution: NamedDependency[InstitutionCaller],
+        conn: NamedDependency[asyncpg.Connection],
         data: JSONBody[SettleRequest],
     ) -> Response[SettlementView]:
         """Charge a patient's payment code: own personal account first, then the givers in
@@ -73,6 +85,7 @@ class InstitutionSettlementsController(Controller):
             category=data.category.value,
             reference=data.reference,
             allow_partial=data.allow_partial,
+            conn=conn,
         )
         return Response(view, status_code=201 if created else 200)
 
@@ -81,10 +94,11 @@ class InstitutionSettlementsController(Controller):
         self,
         ctx: NamedDependency[WalletContext],
         institution: NamedDependency[InstitutionCaller],
+        conn: NamedDependency[asyncpg.Connection],
         reference: FromPath[str],
     ) -> SettlementView:
         """One of this institution's settlements, with its sources and what was refunded."""
-        return await settlement.get_settlement(ctx, institution.institution_id, reference)
+        return await settlement.get_settlement(ctx, institution.institution_id, reference, conn)
 
     @post(
         "/{reference:str}/refunds",
@@ -96,6 +110,7 @@ class InstitutionSettlementsController(Controller):
         self,
         ctx: NamedDependency[WalletContext],
         institution: NamedDependency[InstitutionCaller],
+        conn: NamedDependency[asyncpg.Connection],
         reference: FromPath[str],
         data: JSONBody[RefundRequest],
     ) -> Response[RefundView]:
@@ -107,5 +122,6 @@ class InstitutionSettlementsController(Controller):
             reference,
             reference=data.reference,
             amount_fen=data.amount_fen,
+            conn=conn,
         )
         return Response(view, status_code=201 if created else 200)
