@@ -44,9 +44,13 @@ async def _check_durability(conn: asyncpg.Connection) -> None:
 SERVER_SETTINGS: dict[str, str] = {"timezone": "UTC"}
 
 
-@contextlib.asynccontextmanager
-async def open_pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
-    """Start (if embedded) and migrate the database, and yield a connection pool."""
+async def prepare_database(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
+    """The DSN to use, starting our embedded server if no URL is given and migrating the
+    database. Returns the server too if this call started it (the caller stops it).
+
+    `plt-node serve` with several worker processes calls this once in the parent; the
+    workers then get the DSN as their `DATABASE_URL` (their own migration check finds
+    nothing to apply)."""
     server: EmbeddedPostgres | None = None
     dsn = settings.database_url
     if not dsn:
@@ -57,18 +61,35 @@ async def open_pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
         dsn = server.dsn(EMBEDDED_DATABASE)
         if was_running:
             server = None  # somebody else started it; they stop it
-    pool = await asyncpg.create_pool(
-        dsn,
-        min_size=settings.db_pool_min,
-        max_size=settings.db_pool_max,
-        server_settings=SERVER_SETTINGS,
-    )
     try:
-        async with pool.acquire() as conn:
+        conn = await asyncpg.connect(dsn, server_settings=SERVER_SETTINGS)
+        try:
             await _check_durability(conn)
             await migrate(conn)
-        yield pool
+        finally:
+            await conn.close()
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
+    return dsn, server
+
+
+@contextlib.asynccontextmanager
+async def open_pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    """Start (if embedded) and migrate the database, and yield a connection pool."""
+    dsn, server = await prepare_database(settings)
+    try:
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=settings.db_pool_min,
+            max_size=settings.db_pool_max,
+            server_settings=SERVER_SETTINGS,
+        )
+        try:
+            yield pool
+        finally:
+            await pool.close()
     finally:
-        await pool.close()
         if server is not None:
             server.stop()
