@@ -153,42 +153,71 @@ _PERSON_STATUS = "SELECT status FROM insured_person WHERE id = $1"
 _INSERT_CODE = """
 INSERT INTO payment_code (code_hash, person_id, created_at, expires_at) VALUES ($1, $2, $3, $4)
 """
-# The code is consumed (guarded: unused and unexpired) and its patient share-locked in one
-# statement. Share-locked first: the patient's status cannot change under the payment, and
-# a roster change that would end their relationships waits here instead of crossing our
-# relationship locks (which would deadlock).
-_USE_CODE = """
+# Everything the plan needs, locked, in ONE statement (each round trip costs the node more
+# CPU than the statement costs PostgreSQL). Its parts run in this order, which is the lock
+# order of every settlement:
+#   1. the code is consumed (guarded: unused and unexpired) and its patient share-locked:
+#      the patient's status cannot change under the payment, and a roster change that would
+#      end their relationships waits here instead of crossing our relationship locks;
+#   2. the givers who may pay now (RULES 1, 19): their relationship rows share-locked in id
+#      order, so a concurrent ending waits until this payment commits (or sees it ended);
+#   3. the patient's active cross-province quotas, share-locked likewise (a closing waits);
+#   4. every account the payment may touch, locked FOR UPDATE in id order (as
+#      wallet.ledger.lock_accounts), with the balances the plan is made from.
+# The patient row drives the outer scan; the ARRAY sub-selects are evaluated in select-list
+# order when its one row is projected, each reading a MATERIALIZED CTE in full, so parts
+# 2-4 run in order and only once the code was consumed (no row: nothing else is locked).
+_TAKE = """
 WITH code AS (
     UPDATE payment_code SET used_at = $2
     WHERE code_hash = $1 AND used_at IS NULL AND expires_at > $2
-    RETURNING person_id)
-SELECT p.id, p.status, p.personal_account_id, p.name
-FROM insured_person p JOIN code ON p.id = code.person_id
-FOR SHARE OF p
+    RETURNING person_id),
+patient AS MATERIALIZED (
+    SELECT p.id, p.status, p.personal_account_id, p.name
+    FROM insured_person p WHERE p.id = (SELECT person_id FROM code)
+    FOR SHARE),
+givers AS MATERIALIZED (
+    SELECT r.id AS relationship_id, g.personal_account_id AS account_id, r.filed_at,
+           r.receiver_priority, g.name
+    FROM relationship r
+    JOIN insured_person g ON g.id = r.giver_person_id
+    JOIN wallet w ON w.person_id = g.id
+    WHERE r.receiver_person_id = (SELECT id FROM patient) AND r.state = 'active'
+      AND g.scheme = 'employee' AND g.status = 'normal' AND w.state = 'open'
+      AND g.personal_account_id IS NOT NULL
+    ORDER BY r.id
+    FOR SHARE OF r),
+quotas AS MATERIALIZED (
+    SELECT q.account_id, q.relation_id, q.from_node, q.created_at
+    FROM quota q
+    WHERE q.receiver_person_id = (SELECT id FROM patient) AND q.state = 'active'
+    ORDER BY q.account_id
+    FOR SHARE),
+accounts AS MATERIALIZED (
+    SELECT a.id, a.credits_posted - a.debits_posted - a.debits_pending AS available_fen
+    FROM account a
+    WHERE a.id = ANY(ARRAY[$3::bigint]
+                     || ARRAY(SELECT personal_account_id FROM patient
+                              WHERE personal_account_id IS NOT NULL)
+                     || ARRAY(SELECT account_id FROM givers)
+                     || ARRAY(SELECT account_id FROM quotas))
+    ORDER BY a.id
+    FOR UPDATE)
+SELECT p.id, p.status, p.personal_account_id, p.name,
+       ARRAY(SELECT relationship_id FROM givers ORDER BY relationship_id) AS giver_relationships,
+       ARRAY(SELECT account_id FROM givers ORDER BY relationship_id) AS giver_accounts,
+       ARRAY(SELECT filed_at FROM givers ORDER BY relationship_id) AS giver_filed_at,
+       ARRAY(SELECT receiver_priority FROM givers ORDER BY relationship_id) AS giver_priorities,
+       ARRAY(SELECT name FROM givers ORDER BY relationship_id) AS giver_names,
+       ARRAY(SELECT account_id FROM quotas ORDER BY account_id) AS quota_accounts,
+       ARRAY(SELECT relation_id FROM quotas ORDER BY account_id) AS quota_relations,
+       ARRAY(SELECT from_node FROM quotas ORDER BY account_id) AS quota_from_nodes,
+       ARRAY(SELECT created_at FROM quotas ORDER BY account_id) AS quota_created_at,
+       ARRAY(SELECT id FROM accounts ORDER BY id) AS account_ids,
+       ARRAY(SELECT available_fen FROM accounts ORDER BY id) AS available_fen
+FROM patient p
 """
 _CODE_STATE = "SELECT used_at, expires_at FROM payment_code WHERE code_hash = $1"
-# Givers who may pay for this patient now (RULES 1, 19). Share-locking the relationship
-# rows makes a concurrent ending wait until this payment commits (or see it ended); they
-# are locked in id order, like every multi-row relationship lock. Their balances are read
-# later, under the account locks.
-_LOCK_GIVERS = """
-SELECT r.id AS relationship_id, g.personal_account_id AS account_id, r.filed_at,
-       r.receiver_priority, g.name
-FROM relationship r
-JOIN insured_person g ON g.id = r.giver_person_id
-JOIN wallet w ON w.person_id = g.id
-WHERE r.receiver_person_id = $1 AND r.state = 'active'
-  AND g.scheme = 'employee' AND g.status = 'normal' AND w.state = 'open'
-  AND g.personal_account_id IS NOT NULL
-ORDER BY r.id
-FOR SHARE OF r
-"""
-# Every account the payment may touch, locked in id order (as wallet.ledger.lock_accounts),
-# returning the balances the plan is made from.
-_LOCK_AND_READ = """
-SELECT id, credits_posted - debits_posted - debits_pending AS available_fen
-FROM account WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE
-"""
 # The settlement, its sources, their ledger transfers (the insert trigger moves the
 # balances and refuses an overdraft, as for wallet.ledger.transfer) and the audit event,
 # in one statement. Sources and transfers are written in deduction order.
@@ -488,8 +517,8 @@ async def _settle_new(
 ) -> SettlementView:
     now = ctx.clock.now()
     async with conn.transaction():
-        patient = await _use_payment_code(conn, code_hash, now)
-        candidates, names = await _lock_and_rank_sources(conn, ctx.rules, institution, patient)
+        patient = await _take(conn, institution, code_hash, now)
+        candidates, names = await _rank_sources(conn, ctx.rules, patient)
         plan = plan_deduction(amount_fen, candidates)
         covered_fen = sum(take for _, take in plan)
         if covered_fen == 0 or (covered_fen < amount_fen and not allow_partial):
@@ -540,17 +569,20 @@ async def _settle_new(
         )
 
 
-async def _use_payment_code(
-    conn: asyncpg.Connection, code_hash: bytes, now: dt.datetime
+async def _take(
+    conn: asyncpg.Connection, institution: SettlingInstitution, code_hash: bytes, now: dt.datetime
 ) -> asyncpg.Record:
-    """Mark the code used (guarded) and share-lock its patient; return the patient's row."""
-    patient: asyncpg.Record | None = await conn.fetchrow(_USE_CODE, code_hash, now)
-    if patient is not None:
-        if patient["status"] != "normal":
+    """Consume the code and lock the patient, givers, quotas and accounts (`_TAKE`); return
+    its one row. Refused: an unknown, used or expired code, a patient not in normal status."""
+    taken: asyncpg.Record | None = await conn.fetchrow(
+        _TAKE, code_hash, now, institution.account_id
+    )
+    if taken is not None:
+        if taken["status"] != "normal":
             raise WalletError(
                 ErrorCode.PERSON_NOT_ELIGIBLE, "the patient is not in normal insured status"
             )
-        return patient
+        return taken
     row = await conn.fetchrow(_CODE_STATE, code_hash)
     if row is None:
         raise WalletError(ErrorCode.NOT_FOUND, "unknown payment code")
@@ -560,77 +592,70 @@ async def _use_payment_code(
 
 
 def _rank_givers(
-    strategy: DeductionStrategy, givers: Sequence[asyncpg.Record], available: dict[int, int]
+    strategy: DeductionStrategy, givers: Sequence[quota.SharedSource]
 ) -> list[quota.SharedSource]:
-    """The in-province givers in the province's order (RULES 19), from balances read under
+    """The in-province givers in the province's order (RULES 19), by the balances read under
     the account locks: `filing_order` by relationship id, `giver_balance_desc` the larger
     available balance first, `receiver_order` the receiver's priorities (unset last); ties
     by relationship id."""
 
-    def key(g: asyncpg.Record) -> tuple[int, int, int]:
+    def key(g: quota.SharedSource) -> tuple[int, int, int]:
+        relationship_id = g.relationship_id or 0
         if strategy == "giver_balance_desc":
-            return 0, -available[g["account_id"]], g["relationship_id"]
+            return 0, -g.available_fen, relationship_id
+        if strategy == "receiver_order" and g.priority is not None:
+            return 0, g.priority, relationship_id
         if strategy == "receiver_order":
-            priority = g["receiver_priority"]
-            return (
-                (0, priority, g["relationship_id"])
-                if priority is not None
-                else (
-                    1,
-                    0,
-                    g["relationship_id"],
-                )
-            )
-        return 0, 0, g["relationship_id"]
+            return 1, 0, relationship_id
+        return 0, 0, relationship_id
 
-    return [
-        quota.SharedSource(
-            "giver",
-            g["account_id"],
-            g["relationship_id"],
-            available[g["account_id"]],
-            g["filed_at"],
-            g["receiver_priority"],
-        )
-        for g in sorted(givers, key=key)
-    ]
+    return sorted(givers, key=key)
 
 
-async def _lock_and_rank_sources(
-    conn: asyncpg.Connection,
-    rules: ProvinceRules,
-    institution: SettlingInstitution,
-    patient: asyncpg.Record,
+async def _rank_sources(
+    conn: asyncpg.Connection, rules: ProvinceRules, taken: asyncpg.Record
 ) -> tuple[list[Candidate], dict[int, str]]:
-    """Lock every account the payment may touch (id order), then rank the sources using
-    the balances read under those locks. Also returns the givers' names by relationship."""
-    own_account_id: int | None = patient["personal_account_id"]
-    givers = await conn.fetch(_LOCK_GIVERS, patient["id"])
-    quotas = await quota.spendable_quotas(conn, patient["id"])
-    accounts = {
-        institution.account_id,
-        *(g["account_id"] for g in givers),
-        *(q.account_id for q in quotas),
-    }
-    if own_account_id is not None:
-        accounts.add(own_account_id)
-    available: dict[int, int] = {
-        r["id"]: r["available_fen"] for r in await conn.fetch(_LOCK_AND_READ, sorted(accounts))
-    }
-
+    """Rank the sources by the balances `_take` read under its locks: own account first,
+    then givers and quotas by the province's strategy. Also returns the givers' names by
+    relationship."""
+    available = dict(zip(taken["account_ids"], taken["available_fen"], strict=True))
+    own_account_id: int | None = taken["personal_account_id"]
     candidates: list[Candidate] = []
     if own_account_id is not None:
         candidates.append(Candidate("own", own_account_id, None, available[own_account_id]))
-    shared = _rank_givers(rules.deduction_strategy, givers, available)
+    givers = [
+        quota.SharedSource("giver", account_id, relationship_id, available[account_id], filed, prio)
+        for relationship_id, account_id, filed, prio in zip(
+            taken["giver_relationships"],
+            taken["giver_accounts"],
+            taken["giver_filed_at"],
+            taken["giver_priorities"],
+            strict=True,
+        )
+    ]
+    quotas = [
+        quota.SpendableQuota(
+            account_id=account_id, relation_id=relation_id, from_node=from_node, created_at=at
+        )
+        for account_id, relation_id, from_node, at in zip(
+            taken["quota_accounts"],
+            taken["quota_relations"],
+            taken["quota_from_nodes"],
+            taken["quota_created_at"],
+            strict=True,
+        )
+    ]
     # Cross-province quotas go among the givers by the same strategy (RULES 19).
-    quota_sources = await quota.quota_sources(conn, patient["id"], quotas)
+    quota_sources = await quota.quota_sources(conn, taken["id"], quotas)
     candidates.extend(
         Candidate(s.source, s.account_id, s.relationship_id, s.available_fen)
-        for s in quota.rank_shared_sources(rules.deduction_strategy, shared, quota_sources)
+        for s in quota.rank_shared_sources(
+            rules.deduction_strategy, _rank_givers(rules.deduction_strategy, givers), quota_sources
+        )
     )
     # Refunds find their source by account: each account may appear once.
     assert len({c.account_id for c in candidates}) == len(candidates), "a source account repeats"
-    return candidates, {g["relationship_id"]: g["name"] for g in givers}
+    return candidates, dict(zip(taken["giver_relationships"], taken["giver_names"], strict=True))
 
 
 async def _record(
