@@ -133,6 +133,10 @@ async def _roster_import(ctx: WalletContext, args: argparse.Namespace) -> int:
             actor=args.actor,
         )
     console.print(f"created {result.created}, updated {result.updated}")
+    if result.created:
+        from nodes.db import analyze
+
+        await analyze(ctx.pool, ("insured_person", "account", "wallet"))
     return 0
 
 
@@ -151,6 +155,10 @@ async def _credits_post(ctx: WalletContext, args: argparse.Namespace) -> int:
     result = await credits.post_batch(
         ctx, args.batch_id, args.month, found.rows, lines=found.lines, actor=args.actor
     )
+    if result.created:
+        from nodes.db import analyze
+
+        await analyze(ctx.pool, ("account", "ledger_transfer"))
     verb = "posted" if result.created else "already posted (identical batch)"
     console.print(
         f"batch {result.batch_id} {verb}: {result.row_count} credits, {_yuan(result.total_fen)}"
