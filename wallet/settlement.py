@@ -46,6 +46,7 @@ from wallet import audit
 from wallet.context import WalletContext
 from wallet.credentials import digest, new_numeric_code
 from wallet.errors import ErrorCode, WalletError
+from wallet.institutions import INSTITUTION_SLOTS, account_code
 from wallet.ledger import MAX_AMOUNT_FEN, lock_accounts, transfer
 from wallet.plt import quota
 from wallet.privacy import mask_name
@@ -76,6 +77,8 @@ class SettlingInstitution:
     institution_id: int
     account_id: int
     categories: tuple[str, ...]
+    # The institution's code names its sub-accounts (wallet.institutions.account_code).
+    code: str
 
 
 class PaymentCodeView(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -163,7 +166,9 @@ INSERT INTO payment_code (code_hash, person_id, created_at, expires_at) VALUES (
 #      order, so a concurrent ending waits until this payment commits (or sees it ended);
 #   3. the patient's active cross-province quotas, share-locked likewise (a closing waits);
 #   4. every account the payment may touch, locked FOR UPDATE in id order (as
-#      wallet.ledger.lock_accounts), with the balances the plan is made from.
+#      wallet.ledger.lock_accounts), with the balances the plan is made from. The
+#      institution is paid into one of its sub-accounts ($4, chosen by the caller), or its
+#      main account ($3) while that sub-account is not opened yet.
 # The patient row drives the outer scan; the ARRAY sub-selects are evaluated in select-list
 # order when its one row is projected, each reading a MATERIALIZED CTE in full, so parts
 # 2-4 run in order and only once the code was consumed (no row: nothing else is locked).
@@ -193,17 +198,20 @@ quotas AS MATERIALIZED (
     WHERE q.receiver_person_id = (SELECT id FROM patient) AND q.state = 'active'
     ORDER BY q.account_id
     FOR SHARE),
+payee AS MATERIALIZED (
+    SELECT coalesce((SELECT id FROM account WHERE code = $4 AND kind = 'institution'),
+                    $3::bigint) AS id),
 accounts AS MATERIALIZED (
     SELECT a.id, a.credits_posted - a.debits_posted - a.debits_pending AS available_fen
     FROM account a
-    WHERE a.id = ANY(ARRAY[$3::bigint]
+    WHERE a.id = ANY(ARRAY(SELECT id FROM payee)
                      || ARRAY(SELECT personal_account_id FROM patient
                               WHERE personal_account_id IS NOT NULL)
                      || ARRAY(SELECT account_id FROM givers)
                      || ARRAY(SELECT account_id FROM quotas))
     ORDER BY a.id
     FOR UPDATE)
-SELECT p.id, p.status, p.personal_account_id, p.name,
+SELECT p.id, p.status, p.personal_account_id, p.name, (SELECT id FROM payee) AS payee,
        ARRAY(SELECT relationship_id FROM givers ORDER BY relationship_id) AS giver_relationships,
        ARRAY(SELECT account_id FROM givers ORDER BY relationship_id) AS giver_accounts,
        ARRAY(SELECT filed_at FROM givers ORDER BY relationship_id) AS giver_filed_at,
@@ -218,6 +226,10 @@ SELECT p.id, p.status, p.personal_account_id, p.name,
 FROM patient p
 """
 _CODE_STATE = "SELECT used_at, expires_at FROM payment_code WHERE code_hash = $1"
+_OPEN_SLOT = """
+INSERT INTO account (kind, code, debits_must_not_exceed_credits) VALUES ('institution', $1, true)
+ON CONFLICT (code) DO NOTHING
+"""
 # The settlement, its sources, their ledger transfers (the insert trigger moves the
 # balances and refuses an overdraft, as for wallet.ledger.transfer) and the audit event,
 # in one statement. Sources and transfers are written in deduction order.
@@ -272,6 +284,13 @@ _LOCK_SETTLEMENT = """
 SELECT id, amount_fen, refunded_fen FROM settlement
 WHERE institution_id = $1 AND reference = $2
 FOR UPDATE
+"""
+# The institution account a settlement paid into (the same for all its sources), found
+# from one source's transfer on that account's own index.
+_PAID_INTO = """
+SELECT credit_account_id FROM ledger_transfer
+WHERE debit_account_id = $1 AND settlement_id = $2 AND refund_id IS NULL
+LIMIT 1
 """
 _REFUNDABLE_SOURCES = """
 SELECT seq, account_id, amount_fen - refunded_fen AS left_fen FROM settlement_source
@@ -539,34 +558,67 @@ async def _settle_new(
             requested_fen=amount_fen,
             covered_fen=covered_fen,
             plan=plan,
+            payee_account_id=patient["payee"],
         )
         if any(c.source == "quota" for c, _ in plan):
             # A quota's giver is named by the quota row: read the view as a replay would.
-            return await _settlement_view(conn, settlement_id)
-        return SettlementView(
-            reference=reference,
-            settlement_id=settlement_id,
-            category=SettlementCategory(category),
-            patient_name_masked=mask_name(patient["name"]),
-            requested_fen=amount_fen,
-            amount_fen=covered_fen,
-            remainder_fen=amount_fen - covered_fen,
-            refunded_fen=0,
-            sources=[
-                SourceView(
-                    seq=seq,
-                    source=c.source,
-                    amount_fen=take,
-                    refunded_fen=0,
-                    relationship_id=c.relationship_id,
-                    giver_name_masked=(
-                        None if c.relationship_id is None else mask_name(names[c.relationship_id])
-                    ),
-                )
-                for seq, (c, take) in enumerate(plan)
-            ],
-            created_at=now,
-        )
+            view = await _settlement_view(conn, settlement_id)
+        else:
+            view = _new_view(
+                reference, settlement_id, category, patient["name"], amount_fen, plan, names, now
+            )
+    if patient["payee"] == institution.account_id and code_hash[0] % INSTITUTION_SLOTS:
+        # Paid into the main account: this slot's sub-account was not opened yet (an
+        # institution registered before sub-accounts). Open it for the next payments; the
+        # payment is committed, so a failure here is not the payment's.
+        with contextlib.suppress(asyncpg.PostgresError):
+            await conn.execute(_OPEN_SLOT, _payee_code(institution, code_hash))
+    return view
+
+
+def _new_view(
+    reference: str,
+    settlement_id: int,
+    category: str,
+    patient_name: str,
+    amount_fen: int,
+    plan: list[tuple[Candidate, int]],
+    names: dict[int, str],
+    now: dt.datetime,
+) -> SettlementView:
+    """The view of a settlement just written, from what was written (as `_settlement_view`
+    would read it back)."""
+    covered_fen = sum(take for _, take in plan)
+    return SettlementView(
+        reference=reference,
+        settlement_id=settlement_id,
+        category=SettlementCategory(category),
+        patient_name_masked=mask_name(patient_name),
+        requested_fen=amount_fen,
+        amount_fen=covered_fen,
+        remainder_fen=amount_fen - covered_fen,
+        refunded_fen=0,
+        sources=[
+            SourceView(
+                seq=seq,
+                source=c.source,
+                amount_fen=take,
+                refunded_fen=0,
+                relationship_id=c.relationship_id,
+                giver_name_masked=(
+                    None if c.relationship_id is None else mask_name(names[c.relationship_id])
+                ),
+            )
+            for seq, (c, take) in enumerate(plan)
+        ],
+        created_at=now,
+    )
+
+
+def _payee_code(institution: SettlingInstitution, code_hash: bytes) -> str:
+    """The institution account this payment goes to: a slot by the payment code, so one
+    institution's concurrent payments mostly lock different account rows."""
+    return account_code(institution.code, code_hash[0] % INSTITUTION_SLOTS)
 
 
 async def _take(
@@ -575,7 +627,7 @@ async def _take(
     """Consume the code and lock the patient, givers, quotas and accounts (`_TAKE`); return
     its one row. Refused: an unknown, used or expired code, a patient not in normal status."""
     taken: asyncpg.Record | None = await conn.fetchrow(
-        _TAKE, code_hash, now, institution.account_id
+        _TAKE, code_hash, now, institution.account_id, _payee_code(institution, code_hash)
     )
     if taken is not None:
         if taken["status"] != "normal":
@@ -670,6 +722,7 @@ async def _record(
     requested_fen: int,
     covered_fen: int,
     plan: list[tuple[Candidate, int]],
+    payee_account_id: int,
 ) -> int:
     """Write the settlement, its sources, transfers and audit event (one round trip)."""
     detail = {
@@ -697,7 +750,7 @@ async def _record(
             [c.account_id for c, _ in plan],
             [c.relationship_id for c, _ in plan],
             [take for _, take in plan],
-            institution.account_id,
+            payee_account_id,
             f"institution:{institution.institution_id}",
             audit.current_request_id(),
             json.dumps(detail),
@@ -828,7 +881,11 @@ async def _refund_new(
             for r in await conn.fetch(_REFUNDABLE_SOURCES, settlement_id)
         ]
         plan = plan_refund(refund_fen, sources)
-        await lock_accounts(conn, [institution.account_id, *(s.account_id for s, _ in plan)])
+        # The refund comes out of the institution account the settlement paid into: it has
+        # received the settlement and only this settlement's refunds take it out again, so
+        # it always holds what is left to refund.
+        payee: int = await conn.fetchval(_PAID_INTO, sources[-1].account_id, settlement_id)
+        await lock_accounts(conn, [payee, *(s.account_id for s, _ in plan)])
         try:
             refund_id: int = await conn.fetchval(
                 _INSERT_REFUND,
@@ -846,7 +903,7 @@ async def _refund_new(
             await _guard(conn, _ADD_SOURCE_REFUNDED, settlement_id, source.seq, take)
             await transfer(
                 conn,
-                debit_account_id=institution.account_id,
+                debit_account_id=payee,
                 credit_account_id=source.account_id,
                 amount_fen=take,
                 purpose="refund",

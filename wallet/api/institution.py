@@ -53,6 +53,7 @@ def _settling(caller: InstitutionCaller) -> SettlingInstitution:
         institution_id=caller.institution_id,
         account_id=caller.account_id,
         categories=caller.categories,
+        code=caller.code,
     )
 
 
