@@ -12,7 +12,7 @@ from litestar import Controller, Response, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, JSONBody
 
-from wallet import settlement
+from wallet import refunds, settlement
 from wallet.api.auth import (
     InstitutionCaller,
     provide_connection,
@@ -22,8 +22,9 @@ from wallet.api.auth import (
 from wallet.api.body import StrictBody
 from wallet.context import WalletContext
 from wallet.ledger import MAX_AMOUNT_FEN
+from wallet.refunds import RefundView
 from wallet.rules import SettlementCategory
-from wallet.settlement import REFERENCE_PATTERN, RefundView, SettlementView, SettlingInstitution
+from wallet.settlement import REFERENCE_PATTERN, SettlementView, SettlingInstitution
 
 AmountFen = Annotated[int, msgspec.Meta(gt=0, le=MAX_AMOUNT_FEN)]
 Reference = Annotated[str, msgspec.Meta(pattern=REFERENCE_PATTERN)]
@@ -117,7 +118,7 @@ class InstitutionSettlementsController(Controller):
     ) -> Response[RefundView]:
         """Refund (part of) one of this institution's settlements to the exact accounts it
         came from, last source first. 201 when made, 200 for a replay."""
-        view, created = await settlement.refund(
+        view, created = await refunds.refund(
             ctx,
             _settling(institution),
             reference,
