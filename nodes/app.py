@@ -102,6 +102,18 @@ def load_plt(settings: Settings) -> PltNode | None:
     return node
 
 
+def app_from_environment() -> Litestar:
+    """The app of one `plt-node serve` worker process: settings from the environment (the
+    parent passed the database URL and the settings file there), logging configured here
+    because a spawned process starts afresh."""
+    from nodes.logging import configure_logging
+    from nodes.settings import load_settings
+
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return create_app(settings)
+
+
 def create_app(
     settings: Settings,
     *,

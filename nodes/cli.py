@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 import uuid
@@ -33,6 +34,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import structlog
 from rich.console import Console
 from rich.markup import escape
@@ -63,17 +65,43 @@ def _with_ctx(action: Callable[[WalletContext, argparse.Namespace], Awaitable[in
     return run
 
 
-async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+def serve(settings: Settings, config_path: str | None) -> int:
+    """Run the HTTP API: one process, or `settings.workers` processes sharing the port.
+
+    uvloop and httptools are used when installed (they are dependencies): the node is
+    CPU-bound on its event loop, and they take a good part of the HTTP and socket work off
+    it. With several workers the parent starts the embedded PostgreSQL (if no URL is set)
+    and migrates once, then hands the DSN to the workers through `DATABASE_URL`."""
     import uvicorn
 
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-    )
-    await uvicorn.Server(config).serve()
+    from nodes.db import prepare_database
+
+    common: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,
+        "access_log": False,
+        "loop": "auto",
+        "http": "auto",
+    }
+    if settings.workers == 1:
+        uvicorn.Server(uvicorn.Config(create_app(settings), **common)).run()
+        return 0
+    dsn, server = asyncio.run(prepare_database(settings))
+    try:
+        os.environ["DATABASE_URL"] = dsn
+        if config_path:
+            os.environ["PLT_CONFIG"] = config_path
+        uvicorn.run(
+            "nodes.app:app_from_environment",
+            factory=True,
+            workers=settings.workers,
+            timeout_graceful_shutdown=10,
+            **common,
+        )
+    finally:
+        if server is not None:
+            server.stop()
     return 0
 
 
@@ -105,6 +133,10 @@ async def _roster_import(ctx: WalletContext, args: argparse.Namespace) -> int:
             actor=args.actor,
         )
     console.print(f"created {result.created}, updated {result.updated}")
+    if result.created:
+        from nodes.db import analyze
+
+        await analyze(ctx.pool, ("insured_person", "account", "wallet"))
     return 0
 
 
@@ -123,6 +155,10 @@ async def _credits_post(ctx: WalletContext, args: argparse.Namespace) -> int:
     result = await credits.post_batch(
         ctx, args.batch_id, args.month, found.rows, lines=found.lines, actor=args.actor
     )
+    if result.created:
+        from nodes.db import analyze
+
+        await analyze(ctx.pool, ("account", "ledger_transfer"))
     verb = "posted" if result.created else "already posted (identical batch)"
     console.print(
         f"batch {result.batch_id} {verb}: {result.row_count} credits, {_yuan(result.total_fen)}"
@@ -406,7 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="settings file (TOML); else PLT_CONFIG")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("serve", help="run the HTTP API").set_defaults(run=cmd_serve)
+    serve_parser = sub.add_parser("serve", help="run the HTTP API")
+    serve_parser.add_argument(
+        "--workers", type=int, help="HTTP worker processes (else the `workers` setting)"
+    )
+    serve_parser.set_defaults(run=None)
     sub.add_parser("migrate", help="apply migrations").set_defaults(run=_with_ctx(_migrate))
     sub.add_parser("demo", help="local node, demo data, scripted walk").set_defaults(run=cmd_demo)
 
@@ -536,6 +576,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
     # One request id per command: its log lines and audit events carry it.
     structlog.contextvars.bind_contextvars(request_id=f"cli-{uuid.uuid4().hex[:16]}")
+    if args.command == "serve":  # runs its own event loop(s)
+        if args.workers is not None:
+            if args.workers < 1:
+                err_console.print("[red]settings:[/red] --workers must be at least 1")
+                return 2
+            settings = msgspec.structs.replace(settings, workers=args.workers)
+        return serve(settings, args.config)
     run: Command = args.run
     try:
         return asyncio.run(run(args, settings))

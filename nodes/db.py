@@ -37,13 +37,20 @@ async def _check_durability(conn: asyncpg.Connection) -> None:
         )
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
-    await conn.execute("SET TIME ZONE 'UTC'")
+# Sent in every connection's startup packet, so these are the session's defaults: the
+# pool's reset on release (`RESET ALL`) returns to them. A `SET` in the pool's `init` would be
+# undone by the first release, and the session would fall back to the server's or database's
+# own time zone (issue 14); dates computed in SQL (calendar days, windows, months) are UTC.
+SERVER_SETTINGS: dict[str, str] = {"timezone": "UTC"}
 
 
-@contextlib.asynccontextmanager
-async def open_pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
-    """Start (if embedded) and migrate the database, and yield a connection pool."""
+async def prepare_database(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
+    """The DSN to use, starting our embedded server if no URL is given and migrating the
+    database. Returns the server too if this call started it (the caller stops it).
+
+    `plt-node serve` with several worker processes calls this once in the parent; the
+    workers then get the DSN as their `DATABASE_URL` (their own migration check finds
+    nothing to apply)."""
     server: EmbeddedPostgres | None = None
     dsn = settings.database_url
     if not dsn:
@@ -54,18 +61,45 @@ async def open_pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
         dsn = server.dsn(EMBEDDED_DATABASE)
         if was_running:
             server = None  # somebody else started it; they stop it
-    pool = await asyncpg.create_pool(
-        dsn,
-        min_size=settings.db_pool_min,
-        max_size=settings.db_pool_max,
-        init=_init_connection,
-    )
     try:
-        async with pool.acquire() as conn:
+        conn = await asyncpg.connect(dsn, server_settings=SERVER_SETTINGS)
+        try:
             await _check_durability(conn)
             await migrate(conn)
-        yield pool
-    finally:
-        await pool.close()
+        finally:
+            await conn.close()
+    except BaseException:
         if server is not None:
             server.stop()
+        raise
+    return dsn, server
+
+
+@contextlib.asynccontextmanager
+async def open_pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    """Start (if embedded) and migrate the database, and yield a connection pool."""
+    dsn, server = await prepare_database(settings)
+    try:
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=settings.db_pool_min,
+            max_size=settings.db_pool_max,
+            server_settings=SERVER_SETTINGS,
+        )
+        try:
+            yield pool
+        finally:
+            await pool.close()
+    finally:
+        if server is not None:
+            server.stop()
+
+
+async def analyze(pool: asyncpg.Pool, tables: tuple[str, ...]) -> None:
+    """Refresh the planner's statistics after a bulk load (roster import, credit batch).
+
+    A fresh database is planned as if its tables were empty until autovacuum gets to them,
+    so settlements scanned `insured_person` and `account` sequentially and slowed down as
+    they grew (issue 14). ANALYZE samples a bounded number of rows: seconds at most."""
+    for table in tables:
+        await pool.execute(f"ANALYZE {table}")

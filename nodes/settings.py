@@ -12,7 +12,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -38,6 +38,11 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     db_pool_max: int = 10
     host: str = "127.0.0.1"
     port: int = 8013
+    # HTTP worker processes of `plt-node serve` (one event loop each, sharing the port). The
+    # parent starts the embedded PostgreSQL and migrates once; each worker has its own pool
+    # of up to db_pool_max connections and runs the background workers, which coordinate
+    # through PostgreSQL only (SKIP LOCKED, leases, row locks), as replicas do.
+    workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     # Operators authenticate with this bearer token on /operator/v1 (empty disables the API).
     operator_token: str = ""
     # Bearer token for /metrics only (so Prometheus never holds the operator token); the

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from wallet import metrics
+from wallet import metrics, settlement
 from wallet.context import WalletContext
 from wallet.plt import clearing, grants, statements, transport
 
@@ -71,6 +71,13 @@ register_worker("grants-resolver", grants.resolver_run_once, interval_s=grants.R
 # Reconciliation: close ready windows and send their STATEMENTs (clearing: USAGE handlers).
 register_worker(
     "recon-statements", statements.run_once, interval_s=statements.STATEMENTS_INTERVAL_S
+)
+# Settlement: delete payment codes long expired (in-province; runs without PLT/1 keys too).
+register_worker(
+    "payment-codes-purge",
+    settlement.purge_payment_codes,
+    interval_s=settlement.PURGE_INTERVAL_S,
+    needs_plt=False,
 )
 _RECON_HANDLERS = (clearing.on_usage, clearing.on_recon_reply)  # USAGE, RECON_REPLY
 

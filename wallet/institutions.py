@@ -1,7 +1,10 @@
 """Designated institutions: registered by the operator, paid through their own account.
 
-Each institution has a ledger account (`institution:<code>`, never overdrawn) that
-settlements credit and refunds debit, a list of categories it may charge (only those of
+Each institution has ledger accounts (never overdrawn) that settlements credit and refunds
+debit: `institution:<code>` (the one `institution.account_id` names) and, so that a busy
+institution's payments do not all queue on one account row, INSTITUTION_SLOTS - 1
+sub-accounts `institution:<code>:<slot>`, summed when read (like the clearing
+sub-accounts), a list of categories it may charge (only those of
 RULES 17 that shared money may ever pay) and an API key. The key is shown once, when it is
 made, and stored as a SHA-256 digest; rotating it invalidates the old one at once.
 """
@@ -31,6 +34,13 @@ _CODE = re.compile(CODE_PATTERN)
 NAME_PATTERN = r"^[^\x00-\x1f\x7f]{1,200}$"
 _NAME = re.compile(NAME_PATTERN)
 MAX_LISTED = 1000
+# Settlements spread over this many accounts of an institution (slot 0 is the main one).
+INSTITUTION_SLOTS = 8
+
+
+def account_code(code: str, slot: int = 0) -> str:
+    """The ledger code of an institution's account in `slot` (0: its main account)."""
+    return f"institution:{code}" if slot == 0 else f"institution:{code}:{slot}"
 
 
 class InstitutionView(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -49,10 +59,15 @@ INSERT INTO institution (code, name, kind, categories, api_key_hash, account_id,
 VALUES ($1, $2, $3, $4::text[], $5, $6, $7)
 RETURNING id
 """
-_VIEW_COLUMNS = """
+_VIEW_COLUMNS = f"""
 SELECT i.code, i.name, i.kind, i.categories, i.state, i.created_at,
-       a.credits_posted - a.debits_posted - a.debits_pending AS balance_fen
-FROM institution i JOIN account a ON a.id = i.account_id
+       (SELECT coalesce(sum(a.credits_posted - a.debits_posted - a.debits_pending), 0)::bigint
+        FROM account a
+        WHERE a.id = i.account_id
+           OR a.code = ANY(ARRAY(SELECT 'institution:' || i.code || ':' || slot
+                                 FROM generate_series(1, {INSTITUTION_SLOTS - 1}) slot))
+       ) AS balance_fen
+FROM institution i
 """
 _VIEW_BY_CODE = _VIEW_COLUMNS + "WHERE i.code = $1"
 _VIEW_ALL = _VIEW_COLUMNS + "ORDER BY i.code LIMIT $1"
@@ -110,7 +125,9 @@ async def register(
     now = ctx.clock.now()
     async with ctx.pool.acquire() as conn, conn.transaction():
         try:
-            account_id = await open_account(conn, "institution", f"institution:{code}")
+            account_id = await open_account(conn, "institution", account_code(code))
+            for slot in range(1, INSTITUTION_SLOTS):
+                await open_account(conn, "institution", account_code(code, slot))
             await conn.fetchval(
                 _INSERT,
                 code,

@@ -158,7 +158,9 @@ SELECT t.id, m.direction, m.source, t.phase, t.amount_fen, t.purpose, t.created_
 FROM picked m
 JOIN ledger_transfer t ON t.id = m.id
 JOIN account oa ON oa.id = m.other_account_id
-LEFT JOIN institution i ON i.account_id = oa.id
+-- An institution account is `institution:<code>` or one of its sub-accounts
+-- `institution:<code>:<slot>` (wallet.institutions); codes never contain ':'.
+LEFT JOIN institution i ON oa.kind = 'institution' AND i.code = split_part(oa.code, ':', 2)
 LEFT JOIN insured_person other_person ON other_person.personal_account_id = oa.id
 LEFT JOIN refund rf ON rf.id = t.refund_id
 LEFT JOIN settlement s ON s.id = coalesce(t.settlement_id, rf.settlement_id)

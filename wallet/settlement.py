@@ -1,18 +1,23 @@
-"""Spending at designated institutions (RULES 17-20): payment codes, settlements, refunds.
+"""Spending at designated institutions (RULES 17-19): payment codes and settlements
+(refunds: wallet.refunds).
 
 A patient shows a payment code from their own wallet (RULES 18): random, 18 digits,
 short-lived, single-use, stored only as a digest. The institution submits it with the
 amount, the category and its own reference. In ONE transaction the node
 
   1. consumes the code (guarded UPDATE: unused and unexpired, else used/expired),
-  2. locks, in account-id order, the institution's account, the patient's personal account
-     the personal accounts of every giver with an active relationship to the patient
-     (the relationship rows are share-locked, so an ending waits for the payment) and the
-     accounts of the patient's active cross-province quotas (share-locked likewise),
+  2. locks, in account-id order, one of the institution's accounts (it has several, see
+     wallet.institutions), the patient's personal account, the personal accounts of every
+     giver with an active relationship to the patient (the relationship rows are
+     share-locked, so an ending waits for the payment) and the accounts of the patient's
+     active cross-province quotas (share-locked likewise),
   3. reads the now stable balances and plans the deduction: own account first, then the
      givers and quotas in the province's order (RULES 19: `filing_order`,
      `giver_balance_desc`, `receiver_order`; `wallet.plt.quota.rank_shared_sources`),
   4. writes the settlement, one settlement_source row and one ledger transfer per source.
+
+Steps 1-2 are one statement and step 4 another (`_TAKE`, `_RECORD`): with the key lookup,
+BEGIN, COMMIT and the pool's reset, a settlement is six round trips on one connection.
 
 If the sources do not cover the amount, the payment is refused (`insufficient_funds`) and
 nothing changes, the code included: a refused payment does not consume the code, so the
@@ -20,20 +25,19 @@ cashier can retry with less or with `allow_partial`. With `allow_partial` the co
 is settled and `remainder_fen` says what the patient still owes; covering nothing is still
 `insufficient_funds`.
 
-Settlements and refunds are idempotent on (institution, reference): the same request again
-returns what was stored (200), another request under the same reference is
-`idempotency_conflict`. A refund goes back to the exact sources, last source first
-(RULES 20), even to a giver whose relationship has ended since: it is their money. A
-refund to a quota closed since then moves on to the giver's node at once (a new RELEASE;
-`wallet.plt.quota.release_refund_to_closed_quota`).
+Settlements (and refunds) are idempotent on (institution, reference): the same request
+again returns what was stored (200), another request under the same reference is
+`idempotency_conflict`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
+import json
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,7 +48,8 @@ from wallet import audit
 from wallet.context import WalletContext
 from wallet.credentials import digest, new_numeric_code
 from wallet.errors import ErrorCode, WalletError
-from wallet.ledger import MAX_AMOUNT_FEN, balance, lock_accounts, transfer
+from wallet.institutions import INSTITUTION_SLOTS, account_code
+from wallet.ledger import MAX_AMOUNT_FEN
 from wallet.plt import quota
 from wallet.privacy import mask_name
 from wallet.rules import FORBIDDEN_CATEGORIES, DeductionStrategy, ProvinceRules, SettlementCategory
@@ -54,6 +59,15 @@ PAYMENT_CODE_DIGITS = 18
 REFERENCE_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 _REFERENCE = re.compile(REFERENCE_PATTERN)
 _ISSUE_ATTEMPTS = 3
+# Codes stay this long after they expire (used or not: every code expires ttl after issue),
+# so a retry of a spent code soon after is still told `payment_code_used`/`_expired` rather
+# than "unknown"; then the purge deletes them, at most PURGE_BATCH per pass (issue 14: the
+# table grew forever). Kept short so the table stays small: the purge finds old codes
+# without an index on expires_at (the oldest rows come first in a sequential scan, and
+# the scan stops at the batch size).
+PAYMENT_CODE_RETENTION = dt.timedelta(hours=1)
+PURGE_BATCH = 5000
+PURGE_INTERVAL_S = 60.0
 
 SourceKind = Literal["own", "giver", "quota"]
 
@@ -65,6 +79,8 @@ class SettlingInstitution:
     institution_id: int
     account_id: int
     categories: tuple[str, ...]
+    # The institution's code names its sub-accounts (wallet.institutions.account_code).
+    code: str
 
 
 class PaymentCodeView(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -96,25 +112,6 @@ class SettlementView(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     created_at: dt.datetime
 
 
-class RefundSourceView(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """What one refund gave back to one source of the settlement."""
-
-    seq: int
-    source: SourceKind
-    amount_fen: int
-    relationship_id: int | None
-    giver_name_masked: str | None
-
-
-class RefundView(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    reference: str
-    refund_id: int
-    settlement_reference: str
-    amount_fen: int
-    sources: list[RefundSourceView]
-    created_at: dt.datetime
-
-
 @dataclass(frozen=True)
 class Candidate:
     """An account that may pay, with what it has available under the lock."""
@@ -123,13 +120,6 @@ class Candidate:
     account_id: int
     relationship_id: int | None
     available_fen: int
-
-
-@dataclass(frozen=True)
-class SourceToRefund:
-    seq: int
-    account_id: int
-    left_fen: int
 
 
 class _ReferenceTaken(Exception):
@@ -142,58 +132,110 @@ _PERSON_STATUS = "SELECT status FROM insured_person WHERE id = $1"
 _INSERT_CODE = """
 INSERT INTO payment_code (code_hash, person_id, created_at, expires_at) VALUES ($1, $2, $3, $4)
 """
-_USE_CODE = """
-UPDATE payment_code SET used_at = $2
-WHERE code_hash = $1 AND used_at IS NULL AND expires_at > $2
-RETURNING person_id
+# Everything the plan needs, locked, in ONE statement (each round trip costs the node more
+# CPU than the statement costs PostgreSQL). Its parts run in this order, which is the lock
+# order of every settlement:
+#   1. the code is consumed (guarded: unused and unexpired) and its patient share-locked:
+#      the patient's status cannot change under the payment, and a roster change that would
+#      end their relationships waits here instead of crossing our relationship locks;
+#   2. the givers who may pay now (RULES 1, 19): their relationship rows share-locked in id
+#      order, so a concurrent ending waits until this payment commits (or sees it ended);
+#   3. the patient's active cross-province quotas, share-locked likewise (a closing waits);
+#   4. every account the payment may touch, locked FOR UPDATE in id order (as
+#      wallet.ledger.lock_accounts), with the balances the plan is made from. The
+#      institution is paid into one of its sub-accounts ($4, chosen by the caller), or its
+#      main account ($3) while that sub-account is not opened yet.
+# The patient row drives the outer scan; the ARRAY sub-selects are evaluated in select-list
+# order when its one row is projected, each reading a MATERIALIZED CTE in full, so parts
+# 2-4 run in order and only once the code was consumed (no row: nothing else is locked).
+_TAKE = """
+WITH code AS (
+    UPDATE payment_code SET used_at = $2
+    WHERE code_hash = $1 AND used_at IS NULL AND expires_at > $2
+    RETURNING person_id),
+patient AS MATERIALIZED (
+    SELECT p.id, p.status, p.personal_account_id, p.name
+    FROM insured_person p WHERE p.id = (SELECT person_id FROM code)
+    FOR SHARE),
+givers AS MATERIALIZED (
+    SELECT r.id AS relationship_id, g.personal_account_id AS account_id, r.filed_at,
+           r.receiver_priority, g.name
+    FROM relationship r
+    JOIN insured_person g ON g.id = r.giver_person_id
+    JOIN wallet w ON w.person_id = g.id
+    WHERE r.receiver_person_id = (SELECT id FROM patient) AND r.state = 'active'
+      AND g.scheme = 'employee' AND g.status = 'normal' AND w.state = 'open'
+      AND g.personal_account_id IS NOT NULL
+    ORDER BY r.id
+    FOR SHARE OF r),
+quotas AS MATERIALIZED (
+    SELECT q.account_id, q.relation_id, q.from_node, q.created_at
+    FROM quota q
+    WHERE q.receiver_person_id = (SELECT id FROM patient) AND q.state = 'active'
+    ORDER BY q.account_id
+    FOR SHARE),
+payee AS MATERIALIZED (
+    SELECT coalesce((SELECT id FROM account WHERE code = $4 AND kind = 'institution'),
+                    $3::bigint) AS id),
+accounts AS MATERIALIZED (
+    SELECT a.id, a.credits_posted - a.debits_posted - a.debits_pending AS available_fen
+    FROM account a
+    WHERE a.id = ANY(ARRAY(SELECT id FROM payee)
+                     || ARRAY(SELECT personal_account_id FROM patient
+                              WHERE personal_account_id IS NOT NULL)
+                     || ARRAY(SELECT account_id FROM givers)
+                     || ARRAY(SELECT account_id FROM quotas))
+    ORDER BY a.id
+    FOR UPDATE)
+SELECT p.id, p.status, p.personal_account_id, p.name, (SELECT id FROM payee) AS payee,
+       ARRAY(SELECT relationship_id FROM givers ORDER BY relationship_id) AS giver_relationships,
+       ARRAY(SELECT account_id FROM givers ORDER BY relationship_id) AS giver_accounts,
+       ARRAY(SELECT filed_at FROM givers ORDER BY relationship_id) AS giver_filed_at,
+       ARRAY(SELECT receiver_priority FROM givers ORDER BY relationship_id) AS giver_priorities,
+       ARRAY(SELECT name FROM givers ORDER BY relationship_id) AS giver_names,
+       ARRAY(SELECT account_id FROM quotas ORDER BY account_id) AS quota_accounts,
+       ARRAY(SELECT relation_id FROM quotas ORDER BY account_id) AS quota_relations,
+       ARRAY(SELECT from_node FROM quotas ORDER BY account_id) AS quota_from_nodes,
+       ARRAY(SELECT created_at FROM quotas ORDER BY account_id) AS quota_created_at,
+       ARRAY(SELECT id FROM accounts ORDER BY id) AS account_ids,
+       ARRAY(SELECT available_fen FROM accounts ORDER BY id) AS available_fen
+FROM patient p
 """
 _CODE_STATE = "SELECT used_at, expires_at FROM payment_code WHERE code_hash = $1"
-# Share-locked first: the patient's status cannot change under the payment, and a roster
-# change that would end their relationships waits here instead of crossing our
-# relationship locks (which would deadlock).
-_PATIENT = "SELECT status, personal_account_id FROM insured_person WHERE id = $1 FOR SHARE"
-# Givers who may pay for this patient now (RULES 1, 19). Share-locking the relationship
-# rows makes a concurrent ending wait until this payment commits (or see it ended); they
-# are locked in id order, like every multi-row relationship lock.
-_LOCK_GIVERS = """
-SELECT r.id AS relationship_id, g.personal_account_id AS account_id
-FROM relationship r
-JOIN insured_person g ON g.id = r.giver_person_id
-JOIN wallet w ON w.person_id = g.id
-WHERE r.receiver_person_id = $1 AND r.state = 'active'
-  AND g.scheme = 'employee' AND g.status = 'normal' AND w.state = 'open'
-  AND g.personal_account_id IS NOT NULL
-ORDER BY r.id
-FOR SHARE OF r
+_OPEN_SLOT = """
+INSERT INTO account (kind, code, debits_must_not_exceed_credits) VALUES ('institution', $1, true)
+ON CONFLICT (code) DO NOTHING
 """
-# The same givers with their balances, read after the accounts are locked, in the order of
-# one deduction strategy each (fixed statements, chosen by the province's setting).
-_GIVERS_COLUMNS = """
-SELECT r.id AS relationship_id, a.id AS account_id, r.filed_at, r.receiver_priority,
-       a.credits_posted - a.debits_posted - a.debits_pending AS available_fen
-FROM relationship r
-JOIN insured_person g ON g.id = r.giver_person_id
-JOIN account a ON a.id = g.personal_account_id
-WHERE r.id = ANY($1::bigint[])
+# The settlement, its sources, their ledger transfers (the insert trigger moves the
+# balances and refuses an overdraft, as for wallet.ledger.transfer) and the audit event,
+# in one statement. Sources and transfers are written in deduction order.
+_RECORD = """
+WITH s AS (
+    INSERT INTO settlement
+        (institution_id, reference, request_hash, patient_person_id, category, requested_fen,
+         amount_fen, created_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+    RETURNING id),
+plan AS (
+    SELECT * FROM unnest($9::text[], $10::bigint[], $11::bigint[], $12::bigint[])
+        WITH ORDINALITY AS x(source, account_id, relationship_id, amount_fen, n)),
+src AS (
+    INSERT INTO settlement_source
+        (settlement_id, seq, source, account_id, relationship_id, amount_fen)
+    SELECT s.id, plan.n - 1, plan.source, plan.account_id, plan.relationship_id, plan.amount_fen
+    FROM s, plan ORDER BY plan.n),
+moved AS (
+    INSERT INTO ledger_transfer
+        (debit_account_id, credit_account_id, amount_fen, phase, purpose, settlement_id)
+    SELECT plan.account_id, $13, plan.amount_fen, 'single', $5, s.id
+    FROM s, plan ORDER BY plan.n),
+audited AS (
+    INSERT INTO audit_event (at, actor, action, subject, request_id, detail)
+    SELECT $8, $14, 'settlement.charge', 'settlement:' || s.id, $15, $16::jsonb FROM s)
+SELECT id FROM s
 """
-_GIVERS_IN_ORDER: dict[DeductionStrategy, str] = {
-    "filing_order": _GIVERS_COLUMNS + "ORDER BY r.id",
-    "giver_balance_desc": _GIVERS_COLUMNS + "ORDER BY available_fen DESC, r.id",
-    "receiver_order": _GIVERS_COLUMNS + "ORDER BY r.receiver_priority NULLS LAST, r.id",
-}
 _FIND_SETTLEMENT = """
 SELECT id, request_hash FROM settlement WHERE institution_id = $1 AND reference = $2
-"""
-_INSERT_SETTLEMENT = """
-INSERT INTO settlement
-    (institution_id, reference, request_hash, patient_person_id, category, requested_fen,
-     amount_fen, created_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-RETURNING id
-"""
-_INSERT_SOURCE = """
-INSERT INTO settlement_source (settlement_id, seq, source, account_id, relationship_id, amount_fen)
-VALUES ($1, $2, $3, $4, $5, $6)
 """
 _SETTLEMENT_VIEW = """
 SELECT s.id, s.reference, s.category, s.requested_fen, s.amount_fen, s.refunded_fen,
@@ -211,53 +253,6 @@ LEFT JOIN quota q ON q.account_id = ss.account_id
 WHERE ss.settlement_id = $1
 ORDER BY ss.seq
 """
-
-_FIND_REFUND = "SELECT id, request_hash FROM refund WHERE institution_id = $1 AND reference = $2"
-# Refunds of one settlement queue on its row: "what is left" is read under this lock.
-_LOCK_SETTLEMENT = """
-SELECT id, amount_fen, refunded_fen FROM settlement
-WHERE institution_id = $1 AND reference = $2
-FOR UPDATE
-"""
-_REFUNDABLE_SOURCES = """
-SELECT seq, account_id, amount_fen - refunded_fen AS left_fen FROM settlement_source
-WHERE settlement_id = $1
-ORDER BY seq DESC
-"""
-_ADD_REFUNDED = """
-UPDATE settlement SET refunded_fen = refunded_fen + $2
-WHERE id = $1 AND refunded_fen + $2 <= amount_fen
-RETURNING id
-"""
-_ADD_SOURCE_REFUNDED = """
-UPDATE settlement_source SET refunded_fen = refunded_fen + $3
-WHERE settlement_id = $1 AND seq = $2 AND refunded_fen + $3 <= amount_fen
-RETURNING seq
-"""
-_INSERT_REFUND = """
-INSERT INTO refund (settlement_id, institution_id, reference, request_hash, amount_fen, created_at)
-VALUES ($1, $2, $3, $4, $5, $6)
-RETURNING id
-"""
-_REFUND_VIEW = """
-SELECT f.id, f.reference, f.amount_fen, f.created_at, s.reference AS settlement_reference
-FROM refund f JOIN settlement s ON s.id = f.settlement_id
-WHERE f.id = $1
-"""
-# A settlement's sources have distinct accounts (own, one per giver), so the transfer's
-# credited account names the source it went back to.
-_REFUND_SOURCES_VIEW = """
-SELECT ss.seq, ss.source, t.amount_fen, ss.relationship_id,
-       coalesce(g.name, q.giver_masked_name) AS giver_name
-FROM ledger_transfer t
-JOIN settlement_source ss ON ss.settlement_id = t.settlement_id AND ss.account_id = t.credit_account_id
-LEFT JOIN relationship r ON r.id = ss.relationship_id
-LEFT JOIN insured_person g ON g.id = r.giver_person_id
-LEFT JOIN quota q ON q.account_id = ss.account_id
-WHERE t.refund_id = $1
-ORDER BY ss.seq DESC
-"""
-
 
 # --- payment codes ---------------------------------------------------------------------------
 
@@ -284,6 +279,23 @@ async def issue_payment_code(ctx: WalletContext, person_id: int) -> PaymentCodeV
     raise AssertionError("unreachable")
 
 
+# Bounded, and SKIP LOCKED: replicas (or worker processes) purging at once take disjoint
+# rows instead of queueing on each other; a code being used right now is locked and left.
+_PURGE_CODES = """
+DELETE FROM payment_code WHERE code_hash IN (
+    SELECT code_hash FROM payment_code WHERE expires_at < $1
+    LIMIT $2 FOR UPDATE SKIP LOCKED)
+"""
+
+
+async def purge_payment_codes(ctx: WalletContext, limit: int = PURGE_BATCH) -> int:
+    """Delete up to `limit` codes that expired more than PAYMENT_CODE_RETENTION ago (used or
+    not); return how many. A worker pass: it runs again at once while it finds work."""
+    cutoff = ctx.clock.now() - PAYMENT_CODE_RETENTION
+    status: str = await ctx.pool.execute(_PURGE_CODES, cutoff, limit)
+    return int(status.split()[-1])
+
+
 # --- pure planning ---------------------------------------------------------------------------
 
 
@@ -298,26 +310,6 @@ def plan_deduction(amount_fen: int, candidates: Sequence[Candidate]) -> list[tup
         if take > 0:
             plan.append((candidate, take))
             remaining -= take
-    return plan
-
-
-def plan_refund(
-    amount_fen: int, sources_last_first: Sequence[SourceToRefund]
-) -> list[tuple[SourceToRefund, int]]:
-    """Give `amount_fen` back to the sources, last deducted first (RULES 20)."""
-    plan: list[tuple[SourceToRefund, int]] = []
-    remaining = amount_fen
-    for source in sources_last_first:
-        if remaining == 0:
-            break
-        take = min(remaining, source.left_fen)
-        if take > 0:
-            plan.append((source, take))
-            remaining -= take
-    if remaining:
-        raise WalletError(
-            ErrorCode.REFUND_EXCEEDS_SETTLEMENT, "the refund exceeds what is left to refund"
-        )
     return plan
 
 
@@ -353,6 +345,19 @@ def check_category(
 # --- settlement ------------------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def _connection(
+    ctx: WalletContext, conn: asyncpg.Connection | None
+) -> AsyncIterator[asyncpg.Connection]:
+    """The request's own connection if it has one (the API's: the key lookup ran on it), else
+    one from the pool. One connection per request: each release costs the pool's reset."""
+    if conn is not None:
+        yield conn
+        return
+    async with ctx.pool.acquire() as acquired:
+        yield acquired
+
+
 async def settle(
     ctx: WalletContext,
     institution: SettlingInstitution,
@@ -362,54 +367,66 @@ async def settle(
     category: str,
     reference: str,
     allow_partial: bool = False,
+    conn: asyncpg.Connection | None = None,
 ) -> tuple[SettlementView, bool]:
     """Charge a patient's accounts for a payment at an institution; return the settlement and
-    whether it was made now (False: an identical earlier request is replayed)."""
+    whether it was made now (False: an identical earlier request is replayed).
+
+    A new payment is tried first; only when it cannot be made (the reference is taken, the
+    code is used, anything refused) is a stored settlement under the reference looked for:
+    if there is one it answers (the replay, or `idempotency_conflict`), as if it had been
+    looked up first. A first request, by far the most frequent, so skips a round trip.
+    """
     _check_amount(amount_fen)
     _check_reference(reference)
     code_hash = digest(payment_code)
     request_hash = _hash(amount_fen, category, allow_partial, code_hash.hex())
-    replay = await _replay_settlement(ctx, institution, reference, request_hash)
-    if replay is not None:
-        return replay, False
-    check_category(ctx.rules, institution.categories, category)
-    try:
-        view = await _settle_new(
-            ctx,
-            institution,
-            code_hash,
-            amount_fen,
-            category,
-            reference,
-            allow_partial,
-            request_hash,
-        )
-    except _ReferenceTaken:
-        replay = await _replay_settlement(ctx, institution, reference, request_hash)
-        if replay is None:  # pragma: no cover - the winner's row is committed
-            raise
-        return replay, False
-    except WalletError as exc:
-        # An identical request may have raced us to the code and won: that is a replay.
-        if exc.code is ErrorCode.PAYMENT_CODE_USED:
-            replay = await _replay_settlement(ctx, institution, reference, request_hash)
+    async with _connection(ctx, conn) as db:
+        try:
+            check_category(ctx.rules, institution.categories, category)
+            view = await _settle_new(
+                db,
+                ctx,
+                institution,
+                code_hash,
+                amount_fen,
+                category,
+                reference,
+                allow_partial,
+                request_hash,
+            )
+        except _ReferenceTaken:
+            replay = await _replay_settlement(db, institution, reference, request_hash)
+            if replay is None:  # pragma: no cover - the winner's row is committed
+                raise
+            return replay, False
+        except WalletError:
+            # Refused as new; an identical earlier request (e.g. one that won the race to the
+            # code) is a replay, another one under this reference a conflict.
+            replay = await _replay_settlement(db, institution, reference, request_hash)
             if replay is not None:
                 return replay, False
-        raise
-    return view, True
+            raise
+        return view, True
 
 
-async def get_settlement(ctx: WalletContext, institution_id: int, reference: str) -> SettlementView:
+async def get_settlement(
+    ctx: WalletContext,
+    institution_id: int,
+    reference: str,
+    conn: asyncpg.Connection | None = None,
+) -> SettlementView:
     """One of the institution's settlements; others' are not found."""
     _check_reference(reference, for_lookup=True)
-    async with ctx.pool.acquire() as conn:
-        row = await conn.fetchrow(_FIND_SETTLEMENT, institution_id, reference)
+    async with _connection(ctx, conn) as db:
+        row = await db.fetchrow(_FIND_SETTLEMENT, institution_id, reference)
         if row is None:
             raise WalletError(ErrorCode.NOT_FOUND, f"no settlement has reference {reference}")
-        return await _settlement_view(conn, row["id"])
+        return await _settlement_view(db, row["id"])
 
 
 async def _settle_new(
+    conn: asyncpg.Connection,
     ctx: WalletContext,
     institution: SettlingInstitution,
     code_hash: bytes,
@@ -420,9 +437,9 @@ async def _settle_new(
     request_hash: bytes,
 ) -> SettlementView:
     now = ctx.clock.now()
-    async with ctx.pool.acquire() as conn, conn.transaction():
-        patient_id = await _use_payment_code(conn, code_hash, now)
-        candidates = await _lock_and_rank_sources(conn, ctx.rules, institution, patient_id)
+    async with conn.transaction():
+        patient = await _take(conn, institution, code_hash, now)
+        candidates, names = await _rank_sources(conn, ctx.rules, patient)
         plan = plan_deduction(amount_fen, candidates)
         covered_fen = sum(take for _, take in plan)
         if covered_fen == 0 or (covered_fen < amount_fen and not allow_partial):
@@ -431,45 +448,95 @@ async def _settle_new(
                 ErrorCode.INSUFFICIENT_FUNDS,
                 "the patient's own and shared accounts do not cover the amount",
             )
-        try:
-            settlement_id: int = await conn.fetchval(
-                _INSERT_SETTLEMENT,
-                institution.institution_id,
-                reference,
-                request_hash,
-                patient_id,
-                category,
-                amount_fen,
-                covered_fen,
-                now,
-            )
-        except asyncpg.UniqueViolationError as exc:
-            raise _ReferenceTaken from exc
-        await _record_sources(conn, settlement_id, institution.account_id, category, plan)
-        await audit.record(
+        patient_id: int = patient["id"]
+        settlement_id = await _record(
             conn,
-            at=now,
-            actor=f"institution:{institution.institution_id}",
-            action="settlement.charge",
-            subject=f"settlement:{settlement_id}",
+            institution,
+            now=now,
             reference=reference,
-            patient=f"person:{patient_id}",
+            request_hash=request_hash,
+            patient_id=patient_id,
             category=category,
             requested_fen=amount_fen,
-            amount_fen=covered_fen,
-            sources=[
-                {"source": c.source, "account_id": c.account_id, "amount_fen": take}
-                for c, take in plan
-            ],
+            covered_fen=covered_fen,
+            plan=plan,
+            payee_account_id=patient["payee"],
         )
-        return await _settlement_view(conn, settlement_id)
+        if any(c.source == "quota" for c, _ in plan):
+            # A quota's giver is named by the quota row: read the view as a replay would.
+            view = await _settlement_view(conn, settlement_id)
+        else:
+            view = _new_view(
+                reference, settlement_id, category, patient["name"], amount_fen, plan, names, now
+            )
+    if patient["payee"] == institution.account_id and code_hash[0] % INSTITUTION_SLOTS:
+        # Paid into the main account: this slot's sub-account was not opened yet (an
+        # institution registered before sub-accounts). Open it for the next payments; the
+        # payment is committed, so a failure here is not the payment's.
+        with contextlib.suppress(asyncpg.PostgresError):
+            await conn.execute(_OPEN_SLOT, _payee_code(institution, code_hash))
+    return view
 
 
-async def _use_payment_code(conn: asyncpg.Connection, code_hash: bytes, now: dt.datetime) -> int:
-    """Mark the code used (guarded); return the patient it belongs to."""
-    person_id: int | None = await conn.fetchval(_USE_CODE, code_hash, now)
-    if person_id is not None:
-        return person_id
+def _new_view(
+    reference: str,
+    settlement_id: int,
+    category: str,
+    patient_name: str,
+    amount_fen: int,
+    plan: list[tuple[Candidate, int]],
+    names: dict[int, str],
+    now: dt.datetime,
+) -> SettlementView:
+    """The view of a settlement just written, from what was written (as `_settlement_view`
+    would read it back)."""
+    covered_fen = sum(take for _, take in plan)
+    return SettlementView(
+        reference=reference,
+        settlement_id=settlement_id,
+        category=SettlementCategory(category),
+        patient_name_masked=mask_name(patient_name),
+        requested_fen=amount_fen,
+        amount_fen=covered_fen,
+        remainder_fen=amount_fen - covered_fen,
+        refunded_fen=0,
+        sources=[
+            SourceView(
+                seq=seq,
+                source=c.source,
+                amount_fen=take,
+                refunded_fen=0,
+                relationship_id=c.relationship_id,
+                giver_name_masked=(
+                    None if c.relationship_id is None else mask_name(names[c.relationship_id])
+                ),
+            )
+            for seq, (c, take) in enumerate(plan)
+        ],
+        created_at=now,
+    )
+
+
+def _payee_code(institution: SettlingInstitution, code_hash: bytes) -> str:
+    """The institution account this payment goes to: a slot by the payment code, so one
+    institution's concurrent payments mostly lock different account rows."""
+    return account_code(institution.code, code_hash[0] % INSTITUTION_SLOTS)
+
+
+async def _take(
+    conn: asyncpg.Connection, institution: SettlingInstitution, code_hash: bytes, now: dt.datetime
+) -> asyncpg.Record:
+    """Consume the code and lock the patient, givers, quotas and accounts (`_TAKE`); return
+    its one row. Refused: an unknown, used or expired code, a patient not in normal status."""
+    taken: asyncpg.Record | None = await conn.fetchrow(
+        _TAKE, code_hash, now, institution.account_id, _payee_code(institution, code_hash)
+    )
+    if taken is not None:
+        if taken["status"] != "normal":
+            raise WalletError(
+                ErrorCode.PERSON_NOT_ELIGIBLE, "the patient is not in normal insured status"
+            )
+        return taken
     row = await conn.fetchrow(_CODE_STATE, code_hash)
     if row is None:
         raise WalletError(ErrorCode.NOT_FOUND, "unknown payment code")
@@ -478,105 +545,145 @@ async def _use_payment_code(conn: asyncpg.Connection, code_hash: bytes, now: dt.
     raise WalletError(ErrorCode.PAYMENT_CODE_EXPIRED, "the payment code has expired")
 
 
-async def _lock_and_rank_sources(
-    conn: asyncpg.Connection,
-    rules: ProvinceRules,
-    institution: SettlingInstitution,
-    patient_id: int,
-) -> list[Candidate]:
-    """Lock every account the payment may touch (id order), then rank the sources using
-    the balances read under those locks."""
-    patient = await conn.fetchrow(_PATIENT, patient_id)
-    if patient["status"] != "normal":
-        raise WalletError(
-            ErrorCode.PERSON_NOT_ELIGIBLE, "the patient is not in normal insured status"
-        )
-    own_account_id: int | None = patient["personal_account_id"]
-    givers = await conn.fetch(_LOCK_GIVERS, patient_id)
-    quotas = await quota.spendable_quotas(conn, patient_id)
-    accounts = [
-        institution.account_id,
-        *(g["account_id"] for g in givers),
-        *(q.account_id for q in quotas),
-    ]
-    if own_account_id is not None:
-        accounts.append(own_account_id)
-    await lock_accounts(conn, accounts)
+def _rank_givers(
+    strategy: DeductionStrategy, givers: Sequence[quota.SharedSource]
+) -> list[quota.SharedSource]:
+    """The in-province givers in the province's order (RULES 19), by the balances read under
+    the account locks: `filing_order` by relationship id, `giver_balance_desc` the larger
+    available balance first, `receiver_order` the receiver's priorities (unset last); ties
+    by relationship id."""
 
+    def key(g: quota.SharedSource) -> tuple[int, int, int]:
+        relationship_id = g.relationship_id or 0
+        if strategy == "giver_balance_desc":
+            return 0, -g.available_fen, relationship_id
+        if strategy == "receiver_order" and g.priority is not None:
+            return 0, g.priority, relationship_id
+        if strategy == "receiver_order":
+            return 1, 0, relationship_id
+        return 0, 0, relationship_id
+
+    return sorted(givers, key=key)
+
+
+async def _rank_sources(
+    conn: asyncpg.Connection, rules: ProvinceRules, taken: asyncpg.Record
+) -> tuple[list[Candidate], dict[int, str]]:
+    """Rank the sources by the balances `_take` read under its locks: own account first,
+    then givers and quotas by the province's strategy. Also returns the givers' names by
+    relationship."""
+    available = dict(zip(taken["account_ids"], taken["available_fen"], strict=True))
+    own_account_id: int | None = taken["personal_account_id"]
     candidates: list[Candidate] = []
     if own_account_id is not None:
-        own = await balance(conn, own_account_id)
-        candidates.append(Candidate("own", own_account_id, None, own.available_fen))
-    shared: list[quota.SharedSource] = []
-    if givers:
-        ranked = await conn.fetch(
-            _GIVERS_IN_ORDER[rules.deduction_strategy], [g["relationship_id"] for g in givers]
+        candidates.append(Candidate("own", own_account_id, None, available[own_account_id]))
+    givers = [
+        quota.SharedSource("giver", account_id, relationship_id, available[account_id], filed, prio)
+        for relationship_id, account_id, filed, prio in zip(
+            taken["giver_relationships"],
+            taken["giver_accounts"],
+            taken["giver_filed_at"],
+            taken["giver_priorities"],
+            strict=True,
         )
-        shared.extend(
-            quota.SharedSource(
-                "giver",
-                r["account_id"],
-                r["relationship_id"],
-                r["available_fen"],
-                r["filed_at"],
-                r["receiver_priority"],
-            )
-            for r in ranked
+    ]
+    quotas = [
+        quota.SpendableQuota(
+            account_id=account_id, relation_id=relation_id, from_node=from_node, created_at=at
         )
+        for account_id, relation_id, from_node, at in zip(
+            taken["quota_accounts"],
+            taken["quota_relations"],
+            taken["quota_from_nodes"],
+            taken["quota_created_at"],
+            strict=True,
+        )
+    ]
     # Cross-province quotas go among the givers by the same strategy (RULES 19).
-    quota_sources = await quota.quota_sources(conn, patient_id, quotas)
+    quota_sources = await quota.quota_sources(conn, taken["id"], quotas)
     candidates.extend(
         Candidate(s.source, s.account_id, s.relationship_id, s.available_fen)
-        for s in quota.rank_shared_sources(rules.deduction_strategy, shared, quota_sources)
+        for s in quota.rank_shared_sources(
+            rules.deduction_strategy, _rank_givers(rules.deduction_strategy, givers), quota_sources
+        )
     )
     # Refunds find their source by account: each account may appear once.
     assert len({c.account_id for c in candidates}) == len(candidates), "a source account repeats"
-    return candidates
+    return candidates, dict(zip(taken["giver_relationships"], taken["giver_names"], strict=True))
 
 
-async def _record_sources(
+async def _record(
     conn: asyncpg.Connection,
-    settlement_id: int,
-    institution_account_id: int,
+    institution: SettlingInstitution,
+    *,
+    now: dt.datetime,
+    reference: str,
+    request_hash: bytes,
+    patient_id: int,
     category: str,
+    requested_fen: int,
+    covered_fen: int,
     plan: list[tuple[Candidate, int]],
-) -> None:
-    for seq, (candidate, take) in enumerate(plan):
-        await conn.execute(
-            _INSERT_SOURCE,
-            settlement_id,
-            seq,
-            candidate.source,
-            candidate.account_id,
-            candidate.relationship_id,
-            take,
+    payee_account_id: int,
+) -> int:
+    """Write the settlement, its sources, transfers and audit event (one round trip)."""
+    detail = {
+        "reference": reference,
+        "patient": f"person:{patient_id}",
+        "category": category,
+        "requested_fen": requested_fen,
+        "amount_fen": covered_fen,
+        "sources": [
+            {"source": c.source, "account_id": c.account_id, "amount_fen": take} for c, take in plan
+        ],
+    }
+    try:
+        settlement_id: int = await conn.fetchval(
+            _RECORD,
+            institution.institution_id,
+            reference,
+            request_hash,
+            patient_id,
+            category,
+            requested_fen,
+            covered_fen,
+            now,
+            [c.source for c, _ in plan],
+            [c.account_id for c, _ in plan],
+            [c.relationship_id for c, _ in plan],
+            [take for _, take in plan],
+            payee_account_id,
+            f"institution:{institution.institution_id}",
+            audit.current_request_id(),
+            json.dumps(detail),
         )
-        await transfer(
-            conn,
-            debit_account_id=candidate.account_id,
-            credit_account_id=institution_account_id,
-            amount_fen=take,
-            purpose=category,
-            settlement_id=settlement_id,
-        )
+    except asyncpg.UniqueViolationError as exc:
+        raise _ReferenceTaken from exc
+    except asyncpg.CheckViolationError as exc:
+        # Balances were read under the locks, so this cannot happen; never a 500 if it does.
+        if exc.constraint_name == "account_no_overdraft":
+            raise WalletError(
+                ErrorCode.INSUFFICIENT_FUNDS, "the account does not have enough available"
+            ) from exc
+        raise
+    return settlement_id
 
 
 async def _replay_settlement(
-    ctx: WalletContext,
+    conn: asyncpg.Connection,
     institution: SettlingInstitution,
     reference: str,
     request_hash: bytes,
 ) -> SettlementView | None:
-    async with ctx.pool.acquire() as conn:
-        row = await conn.fetchrow(_FIND_SETTLEMENT, institution.institution_id, reference)
-        if row is None:
-            return None
-        if row["request_hash"] != request_hash:
-            raise WalletError(
-                ErrorCode.IDEMPOTENCY_CONFLICT,
-                f"reference {reference} was already used for another settlement",
-            )
-        return await _settlement_view(conn, row["id"])
+    row = await conn.fetchrow(_FIND_SETTLEMENT, institution.institution_id, reference)
+    if row is None:
+        return None
+    if row["request_hash"] != request_hash:
+        raise WalletError(
+            ErrorCode.IDEMPOTENCY_CONFLICT,
+            f"reference {reference} was already used for another settlement",
+        )
+    return await _settlement_view(conn, row["id"])
 
 
 async def _settlement_view(conn: asyncpg.Connection, settlement_id: int) -> SettlementView:
@@ -603,163 +710,6 @@ async def _settlement_view(conn: asyncpg.Connection, settlement_id: int) -> Sett
         refunded_fen=s["refunded_fen"],
         sources=sources,
         created_at=s["created_at"],
-    )
-
-
-# --- refunds ---------------------------------------------------------------------------------
-
-
-async def refund(
-    ctx: WalletContext,
-    institution: SettlingInstitution,
-    settlement_reference: str,
-    *,
-    reference: str,
-    amount_fen: int | None = None,
-) -> tuple[RefundView, bool]:
-    """Give (part of) a settlement back to the exact accounts it came from (RULES 20).
-
-    `amount_fen` defaults to everything not yet refunded. Returns the refund and whether it
-    was made now (False: an identical earlier request is replayed).
-    """
-    _check_reference(settlement_reference, for_lookup=True)
-    _check_reference(reference)
-    if amount_fen is not None:
-        _check_amount(amount_fen)
-    request_hash = _hash(settlement_reference, amount_fen)
-    replay = await _replay_refund(ctx, institution, reference, request_hash)
-    if replay is not None:
-        return replay, False
-    try:
-        view = await _refund_new(
-            ctx, institution, settlement_reference, reference, amount_fen, request_hash
-        )
-    except _ReferenceTaken:
-        replay = await _replay_refund(ctx, institution, reference, request_hash)
-        if replay is None:  # pragma: no cover - the winner's row is committed
-            raise
-        return replay, False
-    return view, True
-
-
-async def _refund_new(
-    ctx: WalletContext,
-    institution: SettlingInstitution,
-    settlement_reference: str,
-    reference: str,
-    amount_fen: int | None,
-    request_hash: bytes,
-) -> RefundView:
-    now = ctx.clock.now()
-    async with ctx.pool.acquire() as conn, conn.transaction():
-        settlement = await conn.fetchrow(
-            _LOCK_SETTLEMENT, institution.institution_id, settlement_reference
-        )
-        if settlement is None:
-            raise WalletError(
-                ErrorCode.NOT_FOUND, f"no settlement has reference {settlement_reference}"
-            )
-        settlement_id: int = settlement["id"]
-        left_fen = settlement["amount_fen"] - settlement["refunded_fen"]
-        refund_fen = left_fen if amount_fen is None else amount_fen
-        if refund_fen == 0 or refund_fen > left_fen:
-            raise WalletError(
-                ErrorCode.REFUND_EXCEEDS_SETTLEMENT,
-                f"only {left_fen} fen of settlement {settlement_reference} can still be refunded",
-                refundable_fen=left_fen,
-            )
-        sources = [
-            SourceToRefund(r["seq"], r["account_id"], r["left_fen"])
-            for r in await conn.fetch(_REFUNDABLE_SOURCES, settlement_id)
-        ]
-        plan = plan_refund(refund_fen, sources)
-        await lock_accounts(conn, [institution.account_id, *(s.account_id for s, _ in plan)])
-        try:
-            refund_id: int = await conn.fetchval(
-                _INSERT_REFUND,
-                settlement_id,
-                institution.institution_id,
-                reference,
-                request_hash,
-                refund_fen,
-                now,
-            )
-        except asyncpg.UniqueViolationError as exc:
-            raise _ReferenceTaken from exc
-        await _guard(conn, _ADD_REFUNDED, settlement_id, refund_fen)
-        for source, take in plan:
-            await _guard(conn, _ADD_SOURCE_REFUNDED, settlement_id, source.seq, take)
-            await transfer(
-                conn,
-                debit_account_id=institution.account_id,
-                credit_account_id=source.account_id,
-                amount_fen=take,
-                purpose="refund",
-                settlement_id=settlement_id,
-                refund_id=refund_id,
-            )
-            # A quota closed since the payment holds nothing: the refund moves on home.
-            await quota.release_refund_to_closed_quota(conn, source.account_id, take, now)
-        await audit.record(
-            conn,
-            at=now,
-            actor=f"institution:{institution.institution_id}",
-            action="settlement.refund",
-            subject=f"settlement:{settlement_id}",
-            reference=reference,
-            refund_id=refund_id,
-            amount_fen=refund_fen,
-            sources=[{"account_id": s.account_id, "amount_fen": take} for s, take in plan],
-        )
-        return await _refund_view(conn, refund_id)
-
-
-async def _guard(conn: asyncpg.Connection, statement: str, *args: object) -> None:
-    """A guarded refunded_fen increase; the settlement lock makes a miss impossible, so a
-    miss is refused rather than trusted."""
-    if await conn.fetchval(statement, *args) is None:
-        raise WalletError(
-            ErrorCode.REFUND_EXCEEDS_SETTLEMENT, "the refund exceeds what is left to refund"
-        )
-
-
-async def _replay_refund(
-    ctx: WalletContext,
-    institution: SettlingInstitution,
-    reference: str,
-    request_hash: bytes,
-) -> RefundView | None:
-    async with ctx.pool.acquire() as conn:
-        row = await conn.fetchrow(_FIND_REFUND, institution.institution_id, reference)
-        if row is None:
-            return None
-        if row["request_hash"] != request_hash:
-            raise WalletError(
-                ErrorCode.IDEMPOTENCY_CONFLICT,
-                f"reference {reference} was already used for another refund",
-            )
-        return await _refund_view(conn, row["id"])
-
-
-async def _refund_view(conn: asyncpg.Connection, refund_id: int) -> RefundView:
-    f = await conn.fetchrow(_REFUND_VIEW, refund_id)
-    sources = [
-        RefundSourceView(
-            seq=r["seq"],
-            source=r["source"],
-            amount_fen=r["amount_fen"],
-            relationship_id=r["relationship_id"],
-            giver_name_masked=None if r["giver_name"] is None else mask_name(r["giver_name"]),
-        )
-        for r in await conn.fetch(_REFUND_SOURCES_VIEW, refund_id)
-    ]
-    return RefundView(
-        reference=f["reference"],
-        refund_id=f["id"],
-        settlement_reference=f["settlement_reference"],
-        amount_fen=f["amount_fen"],
-        sources=sources,
-        created_at=f["created_at"],
     )
 
 

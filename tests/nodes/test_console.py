@@ -158,3 +158,31 @@ async def test_keys_init_makes_the_password_pepper_once_and_never_replaces_it(en
     assert len(first.strip()) == 43 and pepper.stat().st_mode & 0o777 == 0o600
     assert await plt_node("keys", "init", "--force") == 0  # new node keys, the same pepper
     assert pepper.read_bytes() == first
+
+
+async def test_bulk_loads_leave_planner_statistics_behind(
+    env: Path, db: asyncpg.Connection
+) -> None:
+    """A fresh database is planned as if empty until analysed (issue 14): the console's
+    roster import and credit batch analyse what they loaded."""
+    analysed = (
+        "SELECT relname, last_analyze IS NOT NULL AS done FROM pg_stat_user_tables "
+        "WHERE relname IN ('insured_person', 'account', 'wallet', 'ledger_transfer')"
+    )
+    roster = env / "roster.csv"
+    roster.write_text(HEADER + row(1, "张三") + row(2, "李四"), encoding="utf-8")
+    assert await plt_node("roster", "import", str(roster)) == 0
+    credits = env / "credits.csv"
+    credits.write_text(f"id_number,amount_fen\n{make_id_number(1)},100\n", encoding="utf-8")
+    assert (
+        await plt_node("credits", "post", str(credits), "--batch-id", "b1", "--month", "2026-03")
+        == 0
+    )
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:  # the statistics collector reports asynchronously
+        done = {r["relname"]: r["done"] for r in await db.fetch(analysed)}
+        if all(done.values()) or asyncio.get_running_loop().time() > deadline:
+            break
+        await db.execute("SELECT pg_stat_clear_snapshot()")
+        await asyncio.sleep(0.2)
+    assert done == dict.fromkeys(("insured_person", "account", "wallet", "ledger_transfer"), True)

@@ -57,3 +57,10 @@ def test_in_law_relation_type_is_not_a_setting(tmp_path: Path) -> None:
 def test_wrong_type_is_refused() -> None:
     with pytest.raises(SettingsError, match="port"):
         load_settings(environ={"PLT_PORT": "eighty"})
+
+
+def test_http_workers_are_a_setting_of_at_least_one() -> None:
+    assert load_settings(environ={}).workers == 1
+    assert load_settings(environ={"PLT_WORKERS": "3"}).workers == 3
+    with pytest.raises(SettingsError, match="workers"):
+        load_settings(environ={"PLT_WORKERS": "0"})

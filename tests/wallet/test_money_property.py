@@ -206,7 +206,7 @@ def _check_settlement(response: httpx.Response, op: Settle) -> None:
 _HELD_BY_WORLD = """
 SELECT coalesce(sum(a.credits_posted - a.debits_posted), 0)::bigint FROM account a
 WHERE a.id IN (SELECT personal_account_id FROM insured_person WHERE id_number = ANY($1::text[]))
-   OR a.id IN (SELECT account_id FROM institution WHERE code = ANY($2::text[]))
+   OR (a.kind = 'institution' AND split_part(a.code, ':', 2) = ANY($2::text[]))
 """
 _NEGATIVE = """
 SELECT count(*) FROM account

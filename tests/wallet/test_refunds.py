@@ -233,9 +233,10 @@ async def test_refund_transfers_link_the_refund_and_the_settlement(
     body = (await refund(client, family.key, "visit-1", "refund-1", 350)).json()
 
     rows = await db.fetch(
-        "SELECT t.amount_fen, t.purpose, t.debit_account_id = i.account_id AS from_inst, "
+        "SELECT t.amount_fen, t.purpose, "
+        "(a.kind = 'institution' AND split_part(a.code, ':', 2) = 'H1') AS from_inst, "
         "t.settlement_id IS NOT NULL AS linked FROM ledger_transfer t "
-        "JOIN institution i ON i.code = 'H1' WHERE t.refund_id = $1 ORDER BY t.id",
+        "JOIN account a ON a.id = t.debit_account_id WHERE t.refund_id = $1 ORDER BY t.id",
         body["refund_id"],
     )
 

@@ -650,8 +650,9 @@ async def test_settlement_posts_one_transfer_per_source_with_the_category_as_pur
     body = (await pay(client, key, patient, 300, "visit-1", category="inpatient")).json()
 
     rows = await db.fetch(
-        "SELECT t.amount_fen, t.purpose, t.phase, t.credit_account_id = i.account_id AS to_inst "
-        "FROM ledger_transfer t JOIN institution i ON i.code = 'H1' "
+        "SELECT t.amount_fen, t.purpose, t.phase, "
+        "(a.kind = 'institution' AND split_part(a.code, ':', 2) = 'H1') AS to_inst "
+        "FROM ledger_transfer t JOIN account a ON a.id = t.credit_account_id "
         "WHERE t.settlement_id = $1 ORDER BY t.id",
         body["settlement_id"],
     )

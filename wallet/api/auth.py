@@ -7,10 +7,13 @@ depend on exactly one of these providers.
 from __future__ import annotations
 
 import hmac
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 from litestar import Request
+from litestar.di import NamedDependency
 
 from wallet.context import WalletContext
 from wallet.credentials import digest
@@ -72,10 +75,19 @@ async def provide_app_caller(request: Request[Any, Any, Any]) -> AppCaller:
     return AppCaller(person_id=person_id, token_hash=token_hash)
 
 
-async def provide_institution(request: Request[Any, Any, Any]) -> InstitutionCaller:
-    """The designated institution behind an API key."""
-    ctx = context_of(request)
-    row = await ctx.pool.fetchrow(_INSTITUTION, digest(_bearer(request)))
+async def provide_connection(request: Request[Any, Any, Any]) -> AsyncIterator[asyncpg.Connection]:
+    """One pooled connection for the whole request (the key lookup and the handler's work):
+    every release costs the pool's reset round trip, so a request releases once."""
+    async with context_of(request).pool.acquire() as conn:
+        yield conn
+
+
+async def provide_institution(
+    request: Request[Any, Any, Any], conn: NamedDependency[asyncpg.Connection]
+) -> InstitutionCaller:
+    """The designated institution behind an API key (looked up on the request's connection,
+    `provide_connection`, which the institution surface provides as `conn`)."""
+    row = await conn.fetchrow(_INSTITUTION, digest(_bearer(request)))
     if row is None:
         raise WalletError(ErrorCode.UNAUTHORIZED, "the API key is unknown")
     if row["state"] != "active":

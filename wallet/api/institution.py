@@ -6,18 +6,25 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import asyncpg
 import msgspec
 from litestar import Controller, Response, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, JSONBody
 
-from wallet import settlement
-from wallet.api.auth import InstitutionCaller, provide_ctx, provide_institution
+from wallet import refunds, settlement
+from wallet.api.auth import (
+    InstitutionCaller,
+    provide_connection,
+    provide_ctx,
+    provide_institution,
+)
 from wallet.api.body import StrictBody
 from wallet.context import WalletContext
 from wallet.ledger import MAX_AMOUNT_FEN
+from wallet.refunds import RefundView
 from wallet.rules import SettlementCategory
-from wallet.settlement import REFERENCE_PATTERN, RefundView, SettlementView, SettlingInstitution
+from wallet.settlement import REFERENCE_PATTERN, SettlementView, SettlingInstitution
 
 AmountFen = Annotated[int, msgspec.Meta(gt=0, le=MAX_AMOUNT_FEN)]
 Reference = Annotated[str, msgspec.Meta(pattern=REFERENCE_PATTERN)]
@@ -47,19 +54,26 @@ def _settling(caller: InstitutionCaller) -> SettlingInstitution:
         institution_id=caller.institution_id,
         account_id=caller.account_id,
         categories=caller.categories,
+        code=caller.code,
     )
 
 
 class InstitutionSettlementsController(Controller):
     path = "/institution/v1/settlements"
     tags = ["institution: settlements"]
-    dependencies = {"institution": Provide(provide_institution), "ctx": Provide(provide_ctx)}
+    # One connection per request: the key lookup and the handler share it (`conn`).
+    dependencies = {
+        "conn": Provide(provide_connection),
+        "institution": Provide(provide_institution),
+        "ctx": Provide(provide_ctx),
+    }
 
     @post("/", operation_id="institution_settle", dto=StrictBody[SettleRequest], return_dto=None)
     async def settle(
         self,
         ctx: NamedDependency[WalletContext],
         institution: NamedDependency[InstitutionCaller],
+        conn: NamedDependency[asyncpg.Connection],
         data: JSONBody[SettleRequest],
     ) -> Response[SettlementView]:
         """Charge a patient's payment code: own personal account first, then the givers in
@@ -73,6 +87,7 @@ class InstitutionSettlementsController(Controller):
             category=data.category.value,
             reference=data.reference,
             allow_partial=data.allow_partial,
+            conn=conn,
         )
         return Response(view, status_code=201 if created else 200)
 
@@ -81,10 +96,11 @@ class InstitutionSettlementsController(Controller):
         self,
         ctx: NamedDependency[WalletContext],
         institution: NamedDependency[InstitutionCaller],
+        conn: NamedDependency[asyncpg.Connection],
         reference: FromPath[str],
     ) -> SettlementView:
         """One of this institution's settlements, with its sources and what was refunded."""
-        return await settlement.get_settlement(ctx, institution.institution_id, reference)
+        return await settlement.get_settlement(ctx, institution.institution_id, reference, conn)
 
     @post(
         "/{reference:str}/refunds",
@@ -96,16 +112,18 @@ class InstitutionSettlementsController(Controller):
         self,
         ctx: NamedDependency[WalletContext],
         institution: NamedDependency[InstitutionCaller],
+        conn: NamedDependency[asyncpg.Connection],
         reference: FromPath[str],
         data: JSONBody[RefundRequest],
     ) -> Response[RefundView]:
         """Refund (part of) one of this institution's settlements to the exact accounts it
         came from, last source first. 201 when made, 200 for a replay."""
-        view, created = await settlement.refund(
+        view, created = await refunds.refund(
             ctx,
             _settling(institution),
             reference,
             reference=data.reference,
             amount_fen=data.amount_fen,
+            conn=conn,
         )
         return Response(view, status_code=201 if created else 200)
