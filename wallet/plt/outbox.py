@@ -2,7 +2,8 @@
 
 Features call `enqueue` and `stop` with the connection of their own transaction; the sender
 worker (`wallet.plt.transport`) claims due rows, seals them with the node's current key and
-sends them in batches per peer. Nothing here does I/O beyond that connection.
+sends them in batches per peer. Nothing here does I/O beyond that connection. Enqueueing
+wakes the senders when the transaction commits (PostgreSQL NOTIFY, see wallet.plt.wakeup).
 """
 
 from __future__ import annotations
@@ -13,11 +14,17 @@ import asyncpg
 
 from protocol.messages import MessageType
 
+# The NOTIFY is part of the enqueueing transaction: it reaches the senders (wallet.plt.wakeup)
+# when the row commits, never before, and never for a row that was rolled back. One round trip.
 _ENQUEUE = """
-INSERT INTO plt_outbox (to_node, typ, dedup_key, body, created_at, next_attempt_at, give_up_at)
-VALUES ($1, $2, $3, $4, $5, $5, $6)
-ON CONFLICT (to_node, typ, dedup_key) DO NOTHING
-RETURNING id
+WITH queued AS (
+    INSERT INTO plt_outbox
+        (to_node, typ, dedup_key, body, created_at, next_attempt_at, give_up_at)
+    VALUES ($1, $2, $3, $4, $5, $5, $6)
+    ON CONFLICT (to_node, typ, dedup_key) DO NOTHING
+    RETURNING id
+)
+SELECT id, pg_notify('plt_outbox', '') FROM queued
 """
 _STOP = """
 UPDATE plt_outbox SET done_at = $4
