@@ -430,6 +430,28 @@ async def test_status_answers_a_signed_status_request_with_a_signed_status(
     ]
 
 
+async def test_a_status_request_repeating_ids_is_answered_once_per_id(
+    network: LocalNetwork,
+) -> None:
+    a = network["prov-13"]
+    unknown, other = uuid7(now_ms(a)), uuid7(now_ms(a))
+    asked = (unknown,) * 200 + (other,) * 55 + (unknown,)  # 256 ids, two of them distinct
+    env = seal_from(network["prov-31"], "prov-13", StatusReq(transfer_ids=asked))
+    [reply] = replies(await post_batch(a, [env]))
+    body = decode_body(reply.typ, reply.body)
+    assert isinstance(body, Status)
+    assert [item.transfer_id for item in body.items] == [unknown, other]
+    alerts = await rows(
+        a,
+        "SELECT subject, count(*) AS n FROM audit_event WHERE action LIKE 'alert.%'"
+        " GROUP BY subject ORDER BY subject",
+    )
+    assert alerts == sorted(
+        [{"subject": f"grant:{unknown}", "n": 1}, {"subject": f"grant:{other}", "n": 1}],
+        key=lambda r: str(r["subject"]),
+    )
+
+
 async def test_transfer_status_by_get_needs_a_signed_request_for_exactly_that_id(
     network: LocalNetwork,
 ) -> None:

@@ -739,16 +739,19 @@ async def run_sweeper_once(ctx: WalletContext) -> int:
 
 @handles(MessageType.STATUS_REQ)
 async def on_status_request(ctx: WalletContext, msg: Incoming) -> Body | None:
-    """B's resolver asks about grants it holds; answer with the stored signed DECISIONs."""
+    """B's resolver asks about grants it holds; answer with the stored signed DECISIONs.
+
+    An id named more than once is answered once (first position): a repeated unknown id
+    must not page an operator, or fill the audit trail, once per repetition.
+    """
     request = msg.body
     assert isinstance(request, StatusReq)
     now = ctx.clock.now()
     items: list[StatusItem] = []
+    asked = list(dict.fromkeys(request.transfer_ids))
     async with ctx.pool.acquire() as conn, conn.transaction():
-        rows = {
-            r["transfer_id"]: r for r in await conn.fetch(_LOAD_MANY, list(request.transfer_ids))
-        }
-        for tid in request.transfer_ids:
+        rows = {r["transfer_id"]: r for r in await conn.fetch(_LOAD_MANY, asked)}
+        for tid in asked:
             row = rows.get(tid)
             if row is not None and row["to_node"] != msg.from_node:
                 row = None
