@@ -186,6 +186,28 @@ async def _resolve(
     return transfer_id
 
 
+_RESOLVE_HOLDS = """
+INSERT INTO ledger_transfer
+    (debit_account_id, credit_account_id, amount_fen, phase, pending_id, purpose)
+SELECT debit_account_id, credit_account_id, amount_fen, $2, id, $3
+FROM ledger_transfer WHERE id = ANY($1::bigint[])
+RETURNING pending_id
+"""
+
+
+async def void_holds(conn: asyncpg.Connection, pending_ids: Sequence[int], purpose: str) -> None:
+    """`void_hold` for many holds in one statement (a worker's batch); the same errors."""
+    try:
+        done = await conn.fetch(_RESOLVE_HOLDS, list(pending_ids), "void", purpose)
+    except asyncpg.UniqueViolationError as exc:
+        raise WalletError(
+            ErrorCode.STATE_CONFLICT, "a hold of the batch was already posted or voided"
+        ) from exc
+    missing = set(pending_ids) - {r["pending_id"] for r in done}
+    if missing:
+        raise WalletError(ErrorCode.NOT_FOUND, f"holds {sorted(missing)} do not exist")
+
+
 async def post_hold(
     conn: asyncpg.Connection, pending_id: int, purpose: str, amount_fen: int | None = None
 ) -> int:

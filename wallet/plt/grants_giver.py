@@ -80,7 +80,7 @@ from wallet.context import WalletContext
 from wallet.errors import ErrorCode as WalletCode
 from wallet.errors import WalletError
 from wallet.payment_password import verify_payment_password
-from wallet.plt import outbox, relations
+from wallet.plt import grants_sweep, outbox, relations
 from wallet.plt.dispatch import Incoming, handles
 from wallet.plt.grants_base import (
     PURPOSE_GRANT,
@@ -282,17 +282,15 @@ def machine(row: asyncpg.Record) -> GiverTransfer:
     )
 
 
-async def _save(
-    conn: asyncpg.Connection, row: asyncpg.Record, new: GiverTransfer, now: dt.datetime
-) -> None:
+def _save_args(row: asyncpg.Record, new: GiverTransfer, now: dt.datetime) -> tuple[Any, ...]:
+    """The arguments of `_SAVE` for the new state of a locked row."""
     vote_typ = None
     if new.vote is not None:
         vote_typ = "ACCEPT" if isinstance(new.vote, Accept) else "DECLINE"
     decided_at = row["decided_at"]
     if new.decision is not None and decided_at is None:
         decided_at = now
-    saved = await conn.fetchval(
-        _SAVE,
+    return (
         new.transfer_id,
         row["version"],
         new.state.value,
@@ -305,6 +303,12 @@ async def _save(
         new.acked,
         decided_at,
     )
+
+
+async def _save(
+    conn: asyncpg.Connection, row: asyncpg.Record, new: GiverTransfer, now: dt.datetime
+) -> None:
+    saved = await conn.fetchval(_SAVE, *_save_args(row, new, now))
     if saved is None:  # the row is locked FOR UPDATE: this cannot happen, so never trust it
         raise AssertionError(f"grant_out {new.transfer_id} changed under its lock")
 
@@ -714,11 +718,19 @@ async def sweep_once(ctx: WalletContext, batch: int = SWEEP_BATCH) -> int:
         await ledger.lock_accounts(
             conn, {a for h in holds for a in (h["debit_account_id"], h["credit_account_id"])}
         )
+        # The same steps as one at a time, executed together (wallet.plt.grants_sweep).
+        swept: list[grants_sweep.Swept] = []
         for row in rows:
             old = machine(row)
             new, effects = giver.step(old, giver.Sweep(now_ms=now_ms))
+            step = None if new is None else grants_sweep.Swept(row, new, effects)
+            if step is not None and new != old and grants_sweep.batchable(step):
+                swept.append(step)
+                continue
             with grant_log_context(ctx.node_id, row["transfer_id"]):
                 await _apply(ctx, conn, row, old, new, effects, now, subject=row["transfer_id"])
+        await grants_sweep.execute_batch(conn, swept, now, node=ctx.node_id)
+        await conn.executemany(_SAVE, [_save_args(s.row, s.new, now) for s in swept])
     log.info("grants_expired", count=len(rows))
     return len(rows)
 

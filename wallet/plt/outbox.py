@@ -9,6 +9,7 @@ wakes the senders when the transaction commits (PostgreSQL NOTIFY, see wallet.pl
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 
 import asyncpg
 
@@ -57,3 +58,23 @@ async def stop(
     """Stop retrying a queued message (its answer arrived); False if nothing was pending."""
     row_id = await conn.fetchval(_STOP, to_node, typ.value, key, now)
     return row_id is not None
+
+
+async def enqueue_many(
+    conn: asyncpg.Connection,
+    messages: Sequence[tuple[str, MessageType, str, bytes]],
+    *,
+    now: dt.datetime,
+) -> None:
+    """`enqueue` for (to_node, typ, key, body) messages at once, pipelined (a worker's batch)."""
+    await conn.executemany(
+        _ENQUEUE,
+        [(to_node, typ.value, key, body, now, None) for to_node, typ, key, body in messages],
+    )
+
+
+async def stop_many(
+    conn: asyncpg.Connection, rows: Sequence[tuple[str, MessageType, str]], *, now: dt.datetime
+) -> None:
+    """`stop` for (to_node, typ, key) rows at once, pipelined."""
+    await conn.executemany(_STOP, [(to_node, typ.value, key, now) for to_node, typ, key in rows])
