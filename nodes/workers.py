@@ -2,7 +2,8 @@
 
 A worker is a *pass* (`async def run_once(ctx) -> result`) run over and over: again at once
 while the pass found work (a truthy result: rows handled, a non-empty SendReport), else
-after `interval_s`. Workers coordinate through PostgreSQL only (SKIP LOCKED, leases), so any
+after `interval_s`, or sooner when its `wake` event is set (the outbox sender is woken by
+every committed outbox row: `wallet.plt.wakeup`, whose LISTEN task runs beside the workers). Workers coordinate through PostgreSQL only (SKIP LOCKED, leases), so any
 number of replicas of a node may run them. A pass that raises is logged and retried after a
 growing pause; it never takes the node down. Stopping lets the current pass finish (up to a
 timeout), then cancels it: every pass is made of short transactions, so a cancelled one
@@ -23,7 +24,7 @@ import structlog
 
 from wallet import metrics, settlement
 from wallet.context import WalletContext
-from wallet.plt import clearing, grants, statements, transport
+from wallet.plt import clearing, grants, statements, transport, wakeup
 
 log = structlog.get_logger("nodes.workers")
 
@@ -32,6 +33,7 @@ FAILURE_PAUSE_S_MAX = 30.0
 STOP_TIMEOUT_S = 5.0
 
 Pass = Callable[[WalletContext], Awaitable[object]]
+Wake = Callable[[WalletContext], asyncio.Event]
 
 
 @dataclass(frozen=True)
@@ -41,18 +43,26 @@ class Worker:
     interval_s: float
     # Passes that talk to peers need the node's PLT/1 keys; without them they do not start.
     needs_plt: bool = True
+    # An event that ends the idle pause early (set when there is new work for the pass).
+    wake: Wake | None = None
 
 
 WORKERS: list[Worker] = []
 
 
 def register_worker(
-    name: str, run_once: Pass, *, interval_s: float, needs_plt: bool = True
+    name: str,
+    run_once: Pass,
+    *,
+    interval_s: float,
+    needs_plt: bool = True,
+    wake: Wake | None = None,
 ) -> Worker:
-    """Add (or replace, by name) a worker pass run every `interval_s` while idle."""
+    """Add (or replace, by name) a worker pass run every `interval_s` while idle, or at once
+    when `wake(ctx)` is set."""
     if interval_s <= 0:
         raise ValueError("interval_s must be positive")
-    worker = Worker(name, run_once, interval_s, needs_plt)
+    worker = Worker(name, run_once, interval_s, needs_plt, wake)
     WORKERS[:] = [w for w in WORKERS if w.name != name]
     WORKERS.append(worker)
     return worker
@@ -61,7 +71,12 @@ def register_worker(
 # --- the node's workers ------------------------------------------------------------------------
 
 # Transport: deliver the outbox; keep peers' key sets fresh.
-register_worker("plt-sender", transport.run_once, interval_s=transport.SENDER_IDLE_S)
+register_worker(
+    "plt-sender",
+    transport.run_once,
+    interval_s=transport.SENDER_IDLE_S,
+    wake=wakeup.outbox_event,
+)
 register_worker(
     "plt-keysets", transport.refresh_keysets_once, interval_s=transport.KEYSET_REFRESH_S
 )
@@ -90,6 +105,7 @@ class WorkerSet:
         self._workers = list(WORKERS if workers is None else workers)
         self._stop = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._listener: asyncio.Task[None] | None = None
 
     @property
     def names(self) -> list[str]:
@@ -104,11 +120,23 @@ class WorkerSet:
             self._tasks[worker.name] = asyncio.create_task(
                 self._supervise(worker), name=f"worker:{worker.name}"
             )
+        if any(w.wake is wakeup.outbox_event for w in self._workers if w.name in self._tasks):
+            self._listener = asyncio.create_task(
+                wakeup.listen(self._ctx, self._stop), name="worker-wakeup:plt-outbox"
+            )
         log.info("workers_started", workers=self.names)
 
     async def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """Let current passes finish (at most `timeout_s`), then cancel what is left."""
         self._stop.set()
+        for worker in self._workers:
+            if worker.wake is not None and worker.name in self._tasks:
+                worker.wake(self._ctx).set()  # end idle pauses now
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
         tasks = list(self._tasks.values())
         if not tasks:
             return
@@ -123,7 +151,11 @@ class WorkerSet:
 
     async def _supervise(self, worker: Worker) -> None:
         failures = 0
+        wake = worker.wake(self._ctx) if worker.wake is not None else None
         while not self._stop.is_set():
+            if wake is not None:
+                # Cleared before the pass: work committed during it wakes the next one.
+                wake.clear()
             try:
                 result = await worker.run_once(self._ctx)
                 failures = 0
@@ -144,5 +176,9 @@ class WorkerSet:
                     error=repr(exc),
                     exc_info=exc,
                 )
+            if self._stop.is_set():
+                break
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=pause)
+                # `stop` sets the wake events too, so waiting on one of them suffices.
+                waiter = wake if wake is not None and not failures else self._stop
+                await asyncio.wait_for(waiter.wait(), timeout=pause)

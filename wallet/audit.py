@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -79,6 +80,22 @@ async def record(
         subject,
         request_id or current_request_id(),
         json.dumps(detail, default=str),
+    )
+
+
+async def record_many(
+    conn: asyncpg.Connection,
+    events: Sequence[tuple[dt.datetime, str, str, str | None, dict[str, object]]],
+) -> None:
+    """Append (at, actor, action, subject, detail) events in the caller's transaction, in one
+    pipelined round trip (a worker's batch); the request id is the bound one, as in `record`."""
+    request_id = current_request_id()
+    await conn.executemany(
+        _INSERT,
+        [
+            (at, actor, action, subject, request_id, json.dumps(detail, default=str))
+            for at, actor, action, subject, detail in events
+        ],
     )
 
 

@@ -58,9 +58,6 @@ SELECT id AS account_id, debits_pending, debits_posted, credits_pending, credits
 FROM account WHERE id = $1
 """
 _LOCK_ACCOUNTS = "SELECT id FROM account WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE"
-_SELECT_HOLD = (
-    "SELECT debit_account_id, credit_account_id, amount_fen FROM ledger_transfer WHERE id = $1"
-)
 
 
 async def open_account(conn: asyncpg.Connection, kind: AccountKind, code: str) -> int:
@@ -154,26 +151,61 @@ async def hold(
     )
 
 
+# Post or void a hold in one round trip: the movement copies the hold's accounts (and its
+# amount unless a part is given); no row when the hold does not exist.
+_RESOLVE_HOLD = """
+INSERT INTO ledger_transfer
+    (debit_account_id, credit_account_id, amount_fen, phase, pending_id, purpose)
+SELECT debit_account_id, credit_account_id, coalesce($2, amount_fen), $3, id, $4
+FROM ledger_transfer WHERE id = $1
+RETURNING id
+"""
+
+
 async def _resolve(
     conn: asyncpg.Connection, pending_id: int, phase: Phase, purpose: str, amount_fen: int | None
 ) -> int:
-    row = await conn.fetchrow(_SELECT_HOLD, pending_id)
-    if row is None:
-        raise WalletError(ErrorCode.NOT_FOUND, f"hold {pending_id} does not exist")
+    if amount_fen is not None and not 0 < amount_fen <= MAX_AMOUNT_FEN:
+        raise WalletError(ErrorCode.AMOUNT_INVALID, f"amount {amount_fen} fen is out of range")
     try:
-        return await transfer(
-            conn,
-            debit_account_id=row["debit_account_id"],
-            credit_account_id=row["credit_account_id"],
-            amount_fen=row["amount_fen"] if amount_fen is None else amount_fen,
-            purpose=purpose,
-            phase=phase,
-            pending_id=pending_id,
+        transfer_id: int | None = await conn.fetchval(
+            _RESOLVE_HOLD, pending_id, amount_fen, phase, purpose
         )
+    except asyncpg.CheckViolationError as exc:
+        if exc.constraint_name == "account_no_overdraft":
+            raise WalletError(
+                ErrorCode.INSUFFICIENT_FUNDS, "the account does not have enough available"
+            ) from exc
+        raise
     except asyncpg.UniqueViolationError as exc:
         raise WalletError(
             ErrorCode.STATE_CONFLICT, f"hold {pending_id} was already posted or voided"
         ) from exc
+    if transfer_id is None:
+        raise WalletError(ErrorCode.NOT_FOUND, f"hold {pending_id} does not exist")
+    return transfer_id
+
+
+_RESOLVE_HOLDS = """
+INSERT INTO ledger_transfer
+    (debit_account_id, credit_account_id, amount_fen, phase, pending_id, purpose)
+SELECT debit_account_id, credit_account_id, amount_fen, $2, id, $3
+FROM ledger_transfer WHERE id = ANY($1::bigint[])
+RETURNING pending_id
+"""
+
+
+async def void_holds(conn: asyncpg.Connection, pending_ids: Sequence[int], purpose: str) -> None:
+    """`void_hold` for many holds in one statement (a worker's batch); the same errors."""
+    try:
+        done = await conn.fetch(_RESOLVE_HOLDS, list(pending_ids), "void", purpose)
+    except asyncpg.UniqueViolationError as exc:
+        raise WalletError(
+            ErrorCode.STATE_CONFLICT, "a hold of the batch was already posted or voided"
+        ) from exc
+    missing = set(pending_ids) - {r["pending_id"] for r in done}
+    if missing:
+        raise WalletError(ErrorCode.NOT_FOUND, f"holds {sorted(missing)} do not exist")
 
 
 async def post_hold(

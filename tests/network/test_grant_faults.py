@@ -158,6 +158,36 @@ async def test_a_partition_across_06_00_ends_in_abort_on_both_sides(
     await expect_money(pair, giver=500_000)
 
 
+async def test_grants_in_flight_are_final_within_5_s_of_the_giver_node_returning(
+    network: LocalNetwork, net_clock: ManualClock
+) -> None:
+    pairs = [await linked_pair(network, seq=seq) for seq in range(3)]
+    tids = [await grant(pair, 80_000) for pair in pairs]
+    await network.stop_node(A)
+    for pair, tid in zip(pairs, tids, strict=True):
+        assert (await answer(pair, tid)).status_code == 200  # ACCEPT queued at B, A is down
+    b = network[B]
+    last_due = "SELECT max(next_attempt_at) FROM plt_outbox WHERE done_at IS NULL"
+    for _ in range(7):  # the outage lasts: B's backoff grows to half a minute and more
+        assert (await transport.run_once(b.ctx)).failed == 3
+        net_clock.set(await b.ctx.pool.fetchval(last_due))
+    assert (await transport.run_once(b.ctx)).failed == 3
+    waiting = await b.ctx.pool.fetchval(last_due.replace("max", "min"))
+    await network.start_node(A)
+    returned = net_clock.now()
+    assert waiting - returned > dt.timedelta(seconds=5)  # the old backoff would wait this long
+
+    net_clock.advance(seconds=transport.PROBE_INTERVAL_MS / 1000)
+    await network.run_senders()
+
+    assert net_clock.now() - returned <= dt.timedelta(seconds=5)
+    for pair, tid in zip(pairs, tids, strict=True):
+        assert await states(pair, tid) == ("COMMITTED", "COMMITTED")
+    acked = await network[A].ctx.pool.fetch("SELECT acked FROM grant_out")
+    assert [r["acked"] for r in acked] == [True, True, True]
+    await check_books(network)
+
+
 async def test_an_equivocating_giver_node_is_frozen(pair: Pair) -> None:
     tid = await grant(pair, 80_000)
     await answer(pair, tid)

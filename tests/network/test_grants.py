@@ -189,6 +189,41 @@ async def test_an_unaccepted_grant_expires_at_06_00(pair: Pair, net_clock: Manua
     assert (offered[0]["state"], offered[0]["code"]) == ("ABORTED", 3303)
 
 
+async def test_the_sweeper_aborts_a_batch_exactly_as_one_at_a_time(
+    network: LocalNetwork, net_clock: ManualClock
+) -> None:
+    pairs = [await linked_pair(network, seq=seq) for seq in range(3)]
+    tids = [await grant(pair, 10_000 * (n + 1)) for n, pair in enumerate(pairs)]
+    a = network["prov-13"]
+    net_clock.set(dt.datetime(2026, 3, 17, 6, 1, tzinfo=SHANGHAI))
+    assert await grants.sweeper_run_once(a.ctx) == 3
+    audit = await a.ctx.pool.fetch(
+        "SELECT subject, detail->>'amount_fen' AS fen, detail->>'code' AS code, "
+        "detail->>'peer' AS peer FROM audit_event WHERE action = 'grant.abort' ORDER BY subject"
+    )
+    assert [dict(r) for r in audit] == sorted(
+        [
+            {"subject": f"grant:{tid}", "fen": str(10_000 * (n + 1)), "code": "3303"}
+            | {"peer": "prov-31"}
+            for n, tid in enumerate(tids)
+        ],
+        key=lambda r: r["subject"],
+    )
+    queued = await a.ctx.pool.fetch(
+        "SELECT typ, dedup_key, done_at IS NOT NULL AS done FROM plt_outbox"
+        " WHERE typ IN ('PREPARE', 'DECISION') ORDER BY typ, dedup_key"
+    )
+    assert [(r["typ"], r["dedup_key"], r["done"]) for r in queued] == [
+        ("DECISION", tid, False) for tid in sorted(tids)
+    ] + [("PREPARE", tid, True) for tid in sorted(tids)]
+    await network.run_senders()
+    for pair, tid in zip(pairs, tids, strict=True):
+        assert await states(pair, tid) == ("ABORTED", "ABORTED")
+        await expect_money(pair, giver=500_000)
+    assert await grants.sweeper_run_once(a.ctx) == 0
+    await check_books(network)
+
+
 async def test_an_accept_that_reaches_a_after_its_deadline_aborts(
     pair: Pair, net_clock: ManualClock
 ) -> None:

@@ -12,6 +12,7 @@ import msgspec
 import pytest
 
 from nodes.network import DEFAULT_PROVINCES, LocalNetwork, LocalNode
+from nodes.workers import Worker, WorkerSet
 from protocol.envelope import Envelope, Wire, decode_envelope, encode_envelope, seal
 from protocol.ids import uuid7
 from protocol.keys import open_keyset_document
@@ -42,7 +43,7 @@ from tests.network.support import (
 )
 from tests.support import OPERATOR_TOKEN
 from wallet.clock import ManualClock
-from wallet.plt import outbox, transport
+from wallet.plt import outbox, transport, wakeup
 from wallet.plt.node import NodeKeys, PltNode
 
 pytestmark = [pytest.mark.network, pytest.mark.anyio]
@@ -267,15 +268,19 @@ async def test_a_peer_that_is_down_gets_the_message_after_it_restarts(
     assert (row["attempts"], row["done_at"]) == (1, None)
     assert "send to prov-31" in row["last_error"]
     assert row["next_attempt_at"] > network.clock.now()
+    for _ in range(4):  # the outage lasts: the backoff grows to seconds
+        net_clock.set(row["next_attempt_at"])
+        assert (await transport.run_once(a.ctx)).failed == 1
+        [row] = await rows(a, "SELECT next_attempt_at FROM plt_outbox")
 
     await network.start_node("prov-31")
-    assert (await transport.run_once(a.ctx)).claimed == 0  # not due yet: backoff
-    net_clock.advance(seconds=2)
-    up = await transport.run_once(a.ctx)
+    net_clock.advance(seconds=transport.PROBE_INTERVAL_MS / 1000)
+    assert row["next_attempt_at"] > network.clock.now()  # the backoff would still wait
+    up = await transport.run_once(a.ctx)  # the peer answers the probe: due at once
 
     assert (up.claimed, up.delivered, up.failed) == (1, 1, 0)
     [row] = await rows(a, "SELECT attempts, done_at, last_error FROM plt_outbox")
-    assert (row["attempts"], row["done_at"], row["last_error"]) == (2, network.clock.now(), None)
+    assert (row["attempts"], row["done_at"], row["last_error"]) == (6, network.clock.now(), None)
     assert await rows(b, CROSS_ROWS) == [
         {"relation_id": relation_id, "state": "pending_confirmation"}
     ]
@@ -425,6 +430,28 @@ async def test_status_answers_a_signed_status_request_with_a_signed_status(
     ]
 
 
+async def test_a_status_request_repeating_ids_is_answered_once_per_id(
+    network: LocalNetwork,
+) -> None:
+    a = network["prov-13"]
+    unknown, other = uuid7(now_ms(a)), uuid7(now_ms(a))
+    asked = (unknown,) * 200 + (other,) * 55 + (unknown,)  # 256 ids, two of them distinct
+    env = seal_from(network["prov-31"], "prov-13", StatusReq(transfer_ids=asked))
+    [reply] = replies(await post_batch(a, [env]))
+    body = decode_body(reply.typ, reply.body)
+    assert isinstance(body, Status)
+    assert [item.transfer_id for item in body.items] == [unknown, other]
+    alerts = await rows(
+        a,
+        "SELECT subject, count(*) AS n FROM audit_event WHERE action LIKE 'alert.%'"
+        " GROUP BY subject ORDER BY subject",
+    )
+    assert alerts == sorted(
+        [{"subject": f"grant:{unknown}", "n": 1}, {"subject": f"grant:{other}", "n": 1}],
+        key=lambda r: str(r["subject"]),
+    )
+
+
 async def test_transfer_status_by_get_needs_a_signed_request_for_exactly_that_id(
     network: LocalNetwork,
 ) -> None:
@@ -485,3 +512,27 @@ async def test_the_sender_worker_delivers_on_its_own_and_stops_with_the_node(
             await asyncio.sleep(0.02)
         assert await cross_state(b, relation_id) == "pending_confirmation"
         assert await rows(a, "SELECT typ FROM plt_outbox WHERE done_at IS NULL") == []
+
+
+async def test_the_sender_is_woken_by_the_commit_that_queued_a_message(
+    network: LocalNetwork,
+) -> None:
+    a, b = network["prov-13"], network["prov-31"]
+    giver, receiver = await enrol(a, 100, "张三"), await enrol(b, 500, "李四")
+    # Idle pause of a minute: only the wake-up (NOTIFY on commit, LISTEN) can send in time.
+    sender = Worker("plt-sender", transport.run_once, 60.0, wake=wakeup.outbox_event)
+    workers = WorkerSet(a.ctx, [sender])
+    workers.start()
+    try:
+        await asyncio.sleep(0.3)  # the first pass found nothing; the sender now waits
+        relation_id = (await file_cross(giver, receiver)).json()["relation_id"]
+        started = asyncio.get_running_loop().time()
+        while await cross_state(b, relation_id) is None:
+            assert asyncio.get_running_loop().time() - started < 5.0, "the sender slept on"
+            await asyncio.sleep(0.01)
+    finally:
+        stopping = asyncio.get_running_loop().time()
+        await workers.stop()
+        # Stopping ends the idle pause at once (not after the minute, nor the stop timeout).
+        assert asyncio.get_running_loop().time() - stopping < 1.0
+    assert await cross_state(b, relation_id) == "pending_confirmation"

@@ -81,7 +81,7 @@ from wallet.context import WalletContext
 from wallet.devices import DeviceSignature
 from wallet.errors import ErrorCode as WalletCode
 from wallet.errors import WalletError
-from wallet.plt import outbox, relations
+from wallet.plt import grants_sweep, outbox, relations
 from wallet.plt.dispatch import Incoming, handles
 from wallet.plt.grants_base import (
     PURPOSE_GRANT,
@@ -283,17 +283,15 @@ def machine(row: asyncpg.Record) -> GiverTransfer:
     )
 
 
-async def _save(
-    conn: asyncpg.Connection, row: asyncpg.Record, new: GiverTransfer, now: dt.datetime
-) -> None:
+def _save_args(row: asyncpg.Record, new: GiverTransfer, now: dt.datetime) -> tuple[Any, ...]:
+    """The arguments of `_SAVE` for the new state of a locked row."""
     vote_typ = None
     if new.vote is not None:
         vote_typ = "ACCEPT" if isinstance(new.vote, Accept) else "DECLINE"
     decided_at = row["decided_at"]
     if new.decision is not None and decided_at is None:
         decided_at = now
-    saved = await conn.fetchval(
-        _SAVE,
+    return (
         new.transfer_id,
         row["version"],
         new.state.value,
@@ -306,6 +304,12 @@ async def _save(
         new.acked,
         decided_at,
     )
+
+
+async def _save(
+    conn: asyncpg.Connection, row: asyncpg.Record, new: GiverTransfer, now: dt.datetime
+) -> None:
+    saved = await conn.fetchval(_SAVE, *_save_args(row, new, now))
     if saved is None:  # the row is locked FOR UPDATE: this cannot happen, so never trust it
         raise AssertionError(f"grant_out {new.transfer_id} changed under its lock")
 
@@ -765,11 +769,19 @@ async def sweep_once(ctx: WalletContext, batch: int = SWEEP_BATCH) -> int:
         await ledger.lock_accounts(
             conn, {a for h in holds for a in (h["debit_account_id"], h["credit_account_id"])}
         )
+        # The same steps as one at a time, executed together (wallet.plt.grants_sweep).
+        swept: list[grants_sweep.Swept] = []
         for row in rows:
             old = machine(row)
             new, effects = giver.step(old, giver.Sweep(now_ms=now_ms))
+            step = None if new is None else grants_sweep.Swept(row, new, effects)
+            if step is not None and new != old and grants_sweep.batchable(step):
+                swept.append(step)
+                continue
             with grant_log_context(ctx.node_id, row["transfer_id"]):
                 await _apply(ctx, conn, row, old, new, effects, now, subject=row["transfer_id"])
+        await grants_sweep.execute_batch(conn, swept, now, node=ctx.node_id)
+        await conn.executemany(_SAVE, [_save_args(s.row, s.new, now) for s in swept])
     log.info("grants_expired", count=len(rows))
     return len(rows)
 
@@ -790,16 +802,19 @@ async def run_sweeper_once(ctx: WalletContext) -> int:
 
 @handles(MessageType.STATUS_REQ)
 async def on_status_request(ctx: WalletContext, msg: Incoming) -> Body | None:
-    """B's resolver asks about grants it holds; answer with the stored signed DECISIONs."""
+    """B's resolver asks about grants it holds; answer with the stored signed DECISIONs.
+
+    An id named more than once is answered once (first position): a repeated unknown id
+    must not page an operator, or fill the audit trail, once per repetition.
+    """
     request = msg.body
     assert isinstance(request, StatusReq)
     now = ctx.clock.now()
     items: list[StatusItem] = []
+    asked = list(dict.fromkeys(request.transfer_ids))
     async with ctx.pool.acquire() as conn, conn.transaction():
-        rows = {
-            r["transfer_id"]: r for r in await conn.fetch(_LOAD_MANY, list(request.transfer_ids))
-        }
-        for tid in request.transfer_ids:
+        rows = {r["transfer_id"]: r for r in await conn.fetch(_LOAD_MANY, asked)}
+        for tid in asked:
             row = rows.get(tid)
             if row is not None and row["to_node"] != msg.from_node:
                 row = None

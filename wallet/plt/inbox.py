@@ -24,6 +24,7 @@ import datetime as dt
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import msgspec
 import structlog
@@ -59,7 +60,14 @@ from protocol.messages import (
 from wallet.context import WalletContext
 from wallet.plt.dispatch import Incoming, NoHandler, dispatch
 from wallet.plt.node import PltNode
-from wallet.plt.transport import Logged, dedup_key_of, join_batch, log_messages, split_batch
+from wallet.plt.transport import (
+    Logged,
+    dedup_key_of,
+    in_order_per_key,
+    join_batch,
+    log_messages,
+    split_batch,
+)
 
 log = structlog.get_logger("wallet.plt.inbox")
 
@@ -179,12 +187,24 @@ async def _receive(
         ],
         now,
     )
-    # 3. Dispatch in batch order (a REL_END may follow its REL_REQUEST in one batch).
-    out: list[Logged] = []
-    for item in items:
-        if item.incoming is not None and item.envelope is not None:
-            item.reply = await _apply(ctx, node, item.envelope, item.incoming, now_ms)
-            out.append(Logged("out", item.reply, encode_envelope(item.reply, wire), _key(item)))
+
+    # 3. Dispatch: messages about one thing in batch order (a REL_END may follow its
+    # REL_REQUEST in one batch), messages about different things side by side.
+    async def apply(item: _Item, env: Envelope, incoming: Incoming) -> None:
+        item.reply = await _apply(ctx, node, env, incoming, now_ms)
+
+    await in_order_per_key(
+        [
+            (_key(item), partial(apply, item, item.envelope, item.incoming))
+            for item in items
+            if item.incoming is not None and item.envelope is not None
+        ]
+    )
+    out = [
+        Logged("out", item.reply, encode_envelope(item.reply, wire), _key(item))
+        for item in items
+        if item.incoming is not None and item.envelope is not None and item.reply is not None
+    ]
     await log_messages(ctx.pool, out, ctx.clock.now())
     replies = [item.reply for item in items]
     assert all(r is not None for r in replies), "every position gets a reply"

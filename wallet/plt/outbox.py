@@ -2,22 +2,30 @@
 
 Features call `enqueue` and `stop` with the connection of their own transaction; the sender
 worker (`wallet.plt.transport`) claims due rows, seals them with the node's current key and
-sends them in batches per peer. Nothing here does I/O beyond that connection.
+sends them in batches per peer. Nothing here does I/O beyond that connection. Enqueueing
+wakes the senders when the transaction commits (PostgreSQL NOTIFY, see wallet.plt.wakeup).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 
 import asyncpg
 
 from protocol.messages import MessageType
 
+# The NOTIFY is part of the enqueueing transaction: it reaches the senders (wallet.plt.wakeup)
+# when the row commits, never before, and never for a row that was rolled back. One round trip.
 _ENQUEUE = """
-INSERT INTO plt_outbox (to_node, typ, dedup_key, body, created_at, next_attempt_at, give_up_at)
-VALUES ($1, $2, $3, $4, $5, $5, $6)
-ON CONFLICT (to_node, typ, dedup_key) DO NOTHING
-RETURNING id
+WITH queued AS (
+    INSERT INTO plt_outbox
+        (to_node, typ, dedup_key, body, created_at, next_attempt_at, give_up_at)
+    VALUES ($1, $2, $3, $4, $5, $5, $6)
+    ON CONFLICT (to_node, typ, dedup_key) DO NOTHING
+    RETURNING id
+)
+SELECT id, pg_notify('plt_outbox', '') FROM queued
 """
 _STOP = """
 UPDATE plt_outbox SET done_at = $4
@@ -50,3 +58,23 @@ async def stop(
     """Stop retrying a queued message (its answer arrived); False if nothing was pending."""
     row_id = await conn.fetchval(_STOP, to_node, typ.value, key, now)
     return row_id is not None
+
+
+async def enqueue_many(
+    conn: asyncpg.Connection,
+    messages: Sequence[tuple[str, MessageType, str, bytes]],
+    *,
+    now: dt.datetime,
+) -> None:
+    """`enqueue` for (to_node, typ, key, body) messages at once, pipelined (a worker's batch)."""
+    await conn.executemany(
+        _ENQUEUE,
+        [(to_node, typ.value, key, body, now, None) for to_node, typ, key, body in messages],
+    )
+
+
+async def stop_many(
+    conn: asyncpg.Connection, rows: Sequence[tuple[str, MessageType, str]], *, now: dt.datetime
+) -> None:
+    """`stop` for (to_node, typ, key) rows at once, pipelined."""
+    await conn.executemany(_STOP, [(to_node, typ.value, key, now) for to_node, typ, key in rows])

@@ -13,6 +13,15 @@ One pass (`run_once`):
    `plt_message`, and `dispatch(..., is_reply=True)` each reply to its feature;
 5. give every row its next attempt: 0.2 s, 0.5 s, 1 s, 2 s ... capped at 60 s, with jitter.
 
+Before claiming, a pass looks (at most once a second) for peers whose rows wait because the
+peer was unreachable, asks each such peer for its key set, and makes every waiting row to a
+peer that answers due at once: after an outage, grants in flight do not wait out a backoff
+that grew while the peer was down (up to a minute), only this probe interval.
+
+The sender is woken by every committed outbox row (wallet.plt.wakeup), so a message leaves
+as soon as the transaction that caused it commits; a DECISION committed while answering an
+ACCEPT goes out at once, and its ACK (always a reply) comes back with it.
+
 A row is finished only by its feature calling `outbox.stop` (StopRetries), when the answer it
 waited for has arrived, or by step 1. A peer that is down, slow, or answers 5xx only delays
 delivery: nothing is lost, and the same body is sent again. ERROR replies do not go through
@@ -25,9 +34,11 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import random
+import weakref
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import asyncpg
 import httpx
@@ -40,7 +51,7 @@ from protocol.errors import MalformedMessage, ProtocolError, UnknownPeer
 from protocol.messages import BATCH_MAX, Body, ErrorReply, MessageType, body_hash, typ_of
 from wallet.context import WalletContext
 from wallet.plt.dispatch import Incoming, NoHandler, dispatch
-from wallet.plt.node import MESSAGES_PATH, PltNode
+from wallet.plt.node import KEYSET_PATH, MESSAGES_PATH, PltNode
 
 log = structlog.get_logger("wallet.plt.transport")
 
@@ -49,7 +60,13 @@ ROUNDS_MAX = 16  # rounds per run_once: bounded even if features keep enqueueing
 LEASE_MS = 30_000  # longer than a whole POST can take (connect + write + read timeouts)
 POST_BYTES_MAX = 2 * 1024 * 1024  # below the receiving node's 4 MiB body limit
 PEERS_IN_PARALLEL = 8
-SENDER_IDLE_S = 0.1  # the worker's pause when nothing was due
+# Messages of one batch applied side by side (each its own transaction and pooled connection),
+# in and out; small against the pool so that app requests still get connections.
+APPLY_IN_PARALLEL = 4
+SENDER_IDLE_S = 0.1  # the worker's pause when nothing was due (and no commit woke it)
+PROBE_INTERVAL_MS = 1_000  # how often peers that were unreachable are asked whether they are back
+PROBE_TIMEOUT_S = 2.0
+UNREACHABLE = "unreachable"  # in last_error: no HTTP answer at all (connect error, timeout)
 KEYSET_REFRESH_S = 600.0  # PROTOCOL b.11: refresh peers' key sets every 10 min
 LAST_ERROR_CHARS_MAX = 500
 WIRE: Wire = "msgpack"
@@ -266,6 +283,7 @@ async def run_once(
     report = SendReport()
     for _ in range(ROUNDS_MAX):
         now = ctx.clock.now()
+        await wake_returned_peers(ctx, node, now)
         async with ctx.pool.acquire() as conn:
             gave_up = await conn.fetch(_GIVE_UP, now, CLAIM_ROWS_MAX)
             rows = [
@@ -281,6 +299,51 @@ async def run_once(
             break
         report.add(await _send_rows(ctx, node, rows, now, rng or _rng, wire))
     return report
+
+
+# Peers with rows waiting (not due yet) because the peer did not answer at all.
+_WAITING_PEERS = """
+SELECT DISTINCT to_node FROM plt_outbox
+WHERE done_at IS NULL AND next_attempt_at > $1 AND last_error LIKE $2
+"""
+# Due now. A row another replica has claimed this very moment may be sent twice: harmless,
+# every handler is idempotent (and only after an outage).
+_DUE_NOW = """
+UPDATE plt_outbox SET next_attempt_at = $2
+WHERE to_node = $1 AND done_at IS NULL AND next_attempt_at > $2 AND last_error LIKE $3
+"""
+# When each node (context, by id: it is unhashable) last looked for returned peers.
+_last_probe_ms: dict[int, int] = {}
+
+
+async def wake_returned_peers(ctx: WalletContext, node: PltNode, now: dt.datetime) -> int:
+    """Make every row waiting for a peer that answers again due now; return how many.
+
+    At most once per PROBE_INTERVAL_MS (on the node's clock): one query over the open rows
+    (partial index), and a key set request to each peer that was unreachable.
+    """
+    now_ms = _ms(now)
+    last_ms = _last_probe_ms.get(id(ctx))
+    if last_ms is not None and now_ms - last_ms < PROBE_INTERVAL_MS:
+        return 0
+    if last_ms is None:
+        weakref.finalize(ctx, _last_probe_ms.pop, id(ctx), None)
+    _last_probe_ms[id(ctx)] = now_ms
+    pattern = f"send to %: {UNREACHABLE}: %"
+    peers = [r["to_node"] for r in await ctx.pool.fetch(_WAITING_PEERS, now, pattern)]
+    woken = 0
+    for peer in peers:
+        try:
+            response = await node.http.get(node.url_of(peer) + KEYSET_PATH, timeout=PROBE_TIMEOUT_S)
+        except (httpx.HTTPError, UnknownPeer):
+            continue
+        if response.status_code != 200:
+            continue
+        status = await ctx.pool.execute(_DUE_NOW, peer, now, f"send to {peer}: {UNREACHABLE}: %")
+        count = int(status.split()[-1])
+        woken += count
+        log.info("plt_peer_back", peer=peer, rows_due_now=count)
+    return woken
 
 
 async def _send_rows(
@@ -349,6 +412,11 @@ async def _send_chunk(
         return
     try:
         replies = await _post(node, peer, [item for _, _, item in sealed], wire)
+    except httpx.TransportError as exc:  # no answer at all: the probe watches for its return
+        for row, _, _ in sealed:
+            row.error = f"send to {peer}: {UNREACHABLE}: {exc!r}"
+        log.info("plt_send_failed", peer=peer, rows=len(sealed), error=repr(exc))
+        return
     except (httpx.HTTPError, UnknownPeer, MalformedMessage, _PeerAnswer) as exc:
         for row, _, _ in sealed:
             row.error = f"send to {peer}: {exc!r}"
@@ -414,8 +482,36 @@ async def _handle_replies(
         handled.append((row, incoming))
     # Evidence first: the envelopes are on record before any feature acts on them.
     await log_messages(ctx.pool, logged, now)
-    for row, incoming in handled:
-        await _hand_over(ctx, row, incoming)
+    await in_order_per_key(
+        [(row.dedup_key, partial(_hand_over, ctx, row, incoming)) for row, incoming in handled]
+    )
+
+
+async def in_order_per_key(
+    steps: Sequence[tuple[str | None, Callable[[], Awaitable[None]]]],
+    parallel: int = APPLY_IN_PARALLEL,
+) -> None:
+    """Run `steps` (each its own transaction), at most `parallel` at once, those with the same
+    key (transfer, relation or release id; None is one key) one after another in their order.
+
+    Steps about different things commit side by side (one WAL flush serves several), instead
+    of one fsync after the other; steps about one thing keep their batch order.
+    """
+    groups: dict[str | None, list[Callable[[], Awaitable[None]]]] = defaultdict(list)
+    for key, step in steps:
+        groups[key].append(step)
+    if len(groups) <= 1:
+        for _, step in steps:
+            await step()
+        return
+    limit = asyncio.Semaphore(parallel)
+
+    async def run(group: list[Callable[[], Awaitable[None]]]) -> None:
+        for step in group:
+            async with limit:
+                await step()
+
+    await asyncio.gather(*(run(group) for group in groups.values()))
 
 
 async def _hand_over(ctx: WalletContext, row: _Row, incoming: Incoming) -> None:
