@@ -62,9 +62,7 @@ _ISSUE_ATTEMPTS = 3
 # Codes stay this long after they expire (used or not: every code expires ttl after issue),
 # so a retry of a spent code soon after is still told `payment_code_used`/`_expired` rather
 # than "unknown"; then the purge deletes them, at most PURGE_BATCH per pass (issue 14: the
-# table grew forever). Kept short so the table stays small: the purge finds old codes
-# without an index on expires_at (the oldest rows come first in a sequential scan, and
-# the scan stops at the batch size).
+# table grew forever), found through payment_code_expires_at_idx (migration 0009).
 PAYMENT_CODE_RETENTION = dt.timedelta(hours=1)
 PURGE_BATCH = 5000
 PURGE_INTERVAL_S = 60.0
