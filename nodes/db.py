@@ -84,6 +84,7 @@ async def open_pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
             dsn,
             min_size=settings.db_pool_min,
             max_size=settings.db_pool_max,
+            timeout=settings.db_connect_timeout_s,
             server_settings=SERVER_SETTINGS,
         )
         try:

@@ -36,6 +36,10 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     data_dir: str = "data"
     db_pool_min: int = 2
     db_pool_max: int = 10
+    # How long opening a database connection may take. asyncpg's default (60 s) outlasts
+    # every client: with the server's host gone (killed, partitioned) a request that needs a
+    # fresh connection would hang instead of answering 503 and "retry".
+    db_connect_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 5.0
     host: str = "127.0.0.1"
     port: int = 8013
     # HTTP worker processes of `plt-node serve` (one event loop each, sharing the port). The
