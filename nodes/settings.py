@@ -1,6 +1,6 @@
 """Typed node settings, read once from a TOML file and the environment.
 
-Every `[cfg]` rule of RULES.md is a field of `ProvinceRules`, never a constant in code.
+Every `[cfg]` rule of docs/rules.md is a field of `ProvinceRules`, never a constant in code.
 Precedence: defaults < the TOML file named by `PLT_CONFIG` (or passed in) < environment
 variables `PLT_<FIELD>` (top-level fields) and `PLT_RULES__<FIELD>` (province rules), plus
 the conventional `DATABASE_URL`. Tests build `Settings(...)` directly.

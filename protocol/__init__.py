@@ -1,7 +1,7 @@
 """PLT/1, the language between province nodes: envelopes, keys, messages, state machines.
 
 Pure: no database, no network, no clock reads (time is always an argument). See
-docs/protocol.md for the invariants and PROTOCOL.md for the design.
+docs/protocol.md for the invariants and docs/plt1.md for the protocol itself.
 """
 
 from protocol.envelope import (

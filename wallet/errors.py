@@ -27,7 +27,7 @@ published, so app developers can switch on it. The codes, by HTTP status:
     410 payment_code_expired ... the payment code is past its lifetime
         payment_code_used ...... the payment code was already used
         otp_expired ............ the one-time password is past its lifetime or used up
-    422 rule_violation ......... a domain rule of RULES.md forbids this (the detail says which)
+    422 rule_violation ......... a domain rule (docs/rules.md) forbids this (the detail says which)
         category_forbidden ..... shared money never pays for this category (RULES 17)
         person_not_eligible .... not in normal insured status / not employee scheme / no wallet
         relationship_not_allowed  not a close relative type accepted here, or limit reached

@@ -1,7 +1,7 @@
-"""The per-province rules of RULES.md marked `[cfg]`, and the fixed rules beside them.
+"""The per-province rules of docs/rules.md marked `[cfg]`, and the fixed rules beside them.
 
 A province operator sets these in the node's settings file; nothing here is hard-coded
-elsewhere. Defaults follow the national texts (RULES.md).
+elsewhere. Defaults follow the national texts (docs/rules.md lists them).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ DeductionStrategy = Literal["filing_order", "giver_balance_desc", "receiver_orde
 
 
 class ProvinceRules(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """Per-province settings of RULES.md (`[cfg]`)."""
+    """Per-province settings of docs/rules.md (`[cfg]`)."""
 
     # RULES 2: which close-relative types the province accepts in-province.
     allowed_relation_types: tuple[RelationType, ...] = tuple(RelationType)
