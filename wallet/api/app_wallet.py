@@ -14,6 +14,7 @@ from litestar.params import FromQuery, JSONBody, QueryParameter
 from wallet import records, wallets
 from wallet.api.auth import AppCaller, provide_app_caller, provide_ctx
 from wallet.api.body import StrictBody
+from wallet.api.guards import check_instant
 from wallet.context import WalletContext
 from wallet.records import RecordPage, WalletView
 from wallet.roster import IdNumberText
@@ -132,6 +133,8 @@ class AppWalletController(Controller):
         Page with `before_id` = the previous page's `next_before_id`. `since` is inclusive,
         `until` exclusive.
         """
+        check_instant(since, "since")
+        check_instant(until, "until")
         return await records.list_records(
             ctx,
             caller.person_id,
