@@ -28,6 +28,7 @@ from litestar.openapi.plugins import JsonRenderPlugin
 from protocol.envelope import Envelope
 from protocol.keys import KeySetDocument
 from protocol.messages import BATCH_MAX
+from wallet.api.app_payments import PaymentCodeRequest
 from wallet.api.problems import PROBLEM_JSON
 from wallet.errors import ErrorCode, status_of, title_of
 
@@ -70,10 +71,11 @@ _SURFACES: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 # Refusals beyond the ones every operation shares (400 input, 401 credential, 413/415
 # body, 503 database), by operation. 404 for an unknown object named in the path or body;
-# 403 for a wrong payment password, OTP or device signature, or another person's object.
-_PASSWORD = (403, 423)
+# 403/422/423 wherever a payment password or a device signature authorises the action (wrong,
+# no open wallet, locked).
+_PASSWORD = (403, 422, 423)
 _OPERATION_ERRORS: dict[str, tuple[int, ...]] = {
-    "requestOtp": (404, 422),
+    "requestOtp": (404, 409, 422),
     "openWallet": (403, 404, 409, 410, 422),
     "login": (403, 404, 410, 422),
     "getWallet": (404,),
@@ -86,11 +88,11 @@ _OPERATION_ERRORS: dict[str, tuple[int, ...]] = {
     "operator_revoke_devices": (404,),
     "app_file_relationship": (*_PASSWORD, 404, 409, 422),
     "app_confirm_relationship": (*_PASSWORD, 404, 409, 422),
-    "app_decline_relationship": (403, 404, 409),
+    "app_decline_relationship": (404, 409),
     "app_end_relationship": (*_PASSWORD, 404, 409),
     "app_list_relationships": (),
     "app_order_givers": (404, 409, 422),
-    "app_issue_payment_code": (403, 404, 422),
+    "app_issue_payment_code": (*_PASSWORD, 404),
     "institution_settle": (403, 404, 409, 410, 422),
     "institution_get_settlement": (404,),
     "institution_refund_settlement": (404, 409, 422),
@@ -108,15 +110,19 @@ _OPERATION_ERRORS: dict[str, tuple[int, ...]] = {
     "app_get_grant_receipt": (404, 409),
     "app_file_cross_relationship": (*_PASSWORD, 404, 409, 422),
     "app_confirm_cross_relationship": (*_PASSWORD, 404, 409, 422),
-    "app_decline_cross_relationship": (403, 404, 409),
+    "app_decline_cross_relationship": (404, 409),
     "app_end_cross_relationship": (*_PASSWORD, 404, 409),
     "app_get_cross_relationship": (404,),
     "operator_clearing_report": (404, 409),
     "operator_clear_month": (409,),
-    "app_register_device": (403, 404, 409, 410, 422),
+    "app_register_device": (*_PASSWORD, 404, 409, 410),
     "app_request_device_otp": (404, 422),
-    "app_revoke_device": (*_PASSWORD, 404, 409),
+    "app_revoke_device": (404,),
     "pltTransferStatus": (),
+}
+# Handlers that read an optional JSON body themselves (Litestar sees no body parameter).
+_OPTIONAL_BODIES: dict[str, type[msgspec.Struct]] = {
+    "app_issue_payment_code": PaymentCodeRequest,
 }
 # Operations that never touch the database or need no credential at all.
 _NO_DATABASE = frozenset({"health"})
@@ -144,6 +150,8 @@ def finish(generated: dict[str, Any]) -> dict[str, Any]:
     schemas = components.setdefault("schemas", {})
     schemas.update(_problem_schemas())
     schemas.update(_plt_schemas())
+    for name, schema in _optional_body_schemas().items():
+        schemas.setdefault(name, schema)
     components["securitySchemes"] = SECURITY_SCHEMES
     for path, item in document.get("paths", {}).items():
         for method, operation in item.items():
@@ -165,6 +173,12 @@ def _finish_operation(path: str, method: str, operation: dict[str, Any]) -> None
         responses["200"] = {**responses["201"], "description": "The same request again"}
     if path.startswith("/plt/"):
         _plt_bodies(operation_id, operation, responses)
+    if operation_id in _OPTIONAL_BODIES:
+        name = _OPTIONAL_BODIES[operation_id].__name__
+        operation["requestBody"] = {
+            "required": False,
+            "content": {JSON: {"schema": {"$ref": SCHEMAS + name}}},
+        }
     for status in _error_statuses(operation_id, operation, bool(security)):
         responses[str(status)] = _problem_response(status)
     operation["responses"] = dict(sorted(responses.items()))
@@ -244,6 +258,13 @@ def _problem_response(status: int) -> dict[str, Any]:
         "description": ", ".join(codes),
         "content": {PROBLEM_JSON: {"schema": {"$ref": f"{SCHEMAS}Problem{status}"}}},
     }
+
+
+def _optional_body_schemas() -> dict[str, Any]:
+    (_, components) = msgspec.json.schema_components(
+        list(_OPTIONAL_BODIES.values()), ref_template=SCHEMAS + "{name}"
+    )
+    return components
 
 
 # --- PLT/1 -----------------------------------------------------------------------------------
