@@ -85,11 +85,8 @@ def _join(key: str, field: str) -> str:
     return field if key == "$" else f"{key}.{field}"
 
 
-def _url_has_nul(scope: Scope) -> bool:
-    """A NUL in the decoded path or anywhere in the percent-decoded query string."""
-    if "\x00" in scope.get("path", ""):
-        return True
-    # Percent-decoding yields NUL from `%00` only (uvicorn has already decoded the path).
+def _query_has_nul(scope: Scope) -> bool:
+    """A NUL anywhere in the query string once percent-decoded (only `%00` decodes to one)."""
     query: bytes = scope.get("query_string", b"")
     return b"%00" in query or b"\x00" in query
 
@@ -110,13 +107,16 @@ def _refused_media_type(scope: Scope) -> str | None:
 
 
 def input_guard_middleware(app: ASGIApp) -> ASGIApp:
-    """Refuse a NUL anywhere in the URL (400) and a body of a media type not taken (415),
-    before routing hands the request to a handler that would decode or store it."""
+    """Refuse a NUL in the URL and a body of a media type not taken (415) before the handler
+    decodes or looks up anything. A path with a NUL names no object (404 `not_found`, like
+    any impossible id: the path's ids are not checked here); a query with one is 400."""
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == ScopeType.HTTP:
-            if _url_has_nul(scope):
-                raise invalid("url", "the path or query contains a NUL character")
+            if "\x00" in scope.get("path", ""):  # uvicorn has percent-decoded the path
+                raise WalletError(ErrorCode.NOT_FOUND, "no object has a NUL in its name")
+            if _query_has_nul(scope):
+                raise invalid("query", "the query contains a NUL character")
             refused = _refused_media_type(scope)
             if refused is not None:
                 raise WalletError(
