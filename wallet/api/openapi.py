@@ -69,8 +69,8 @@ _SURFACES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("/metrics", ("metricsToken", "operatorToken")),
 )
 
-# Refusals beyond the ones every operation shares (400 input, 401 credential, 413/415
-# body, 503 database), by operation. 404 for an unknown object named in the path or body;
+# Refusals beyond the ones every operation shares (400 input, 401 credential, 404 path id,
+# 413/415 body, 503 database), by operation. 404 for an unknown object named in the path or body;
 # 403/422/423 wherever a payment password or a device signature authorises the action (wrong,
 # no open wallet, locked).
 _PASSWORD = (403, 422, 423)
@@ -97,9 +97,9 @@ _OPERATION_ERRORS: dict[str, tuple[int, ...]] = {
     "institution_get_settlement": (404,),
     "institution_refund_settlement": (404, 409, 422),
     "operator_register_institution": (409, 422),
-    "operator_suspend_institution": (404, 409),
-    "operator_reactivate_institution": (404, 409),
-    "operator_rotate_institution_api_key": (404, 409),
+    "operator_suspend_institution": (404,),
+    "operator_reactivate_institution": (404,),
+    "operator_rotate_institution_api_key": (404,),
     "operator_approve_relationship": (404, 409),
     "operator_reject_relationship": (404, 409),
     "resolveGrant": (404, 409),
@@ -203,6 +203,8 @@ def _error_statuses(operation_id: str, operation: dict[str, Any], secured: bool)
         statuses.add(403)  # a suspended institution
     if "requestBody" in operation:
         statuses |= {413, 415}
+    if any(p.get("in") == "path" for p in operation.get("parameters", [])):
+        statuses.add(404)  # an id that names nothing (a NUL in the path included)
     return statuses
 
 
