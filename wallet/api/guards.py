@@ -25,6 +25,7 @@ import msgspec
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Receive, Scope, Send
 
+from protocol.errors import ErrorCode as PltCode
 from wallet.errors import ErrorCode, WalletError
 
 BIGINT_MIN = -(2**63)
@@ -36,6 +37,7 @@ _PLT_PREFIX = "/plt/v1/"
 _PLT_MEDIA_TYPES = frozenset({JSON, MSGPACK})
 _APP_MEDIA_TYPES = frozenset({JSON})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+PLT_MALFORMED = int(PltCode.MALFORMED)
 
 
 def invalid(key: str, message: str) -> WalletError:
@@ -122,10 +124,16 @@ def input_guard_middleware(app: ASGIApp) -> ASGIApp:
                 raise WalletError(
                     ErrorCode.UNSUPPORTED_MEDIA_TYPE,
                     f"a body of type {refused} is not taken here; send {_expected(scope)}",
+                    **_plt_malformed(scope),
                 )
         await app(scope, receive, send)
 
     return middleware
+
+
+def _plt_malformed(scope: Scope) -> dict[str, int]:
+    """A peer reads the PLT/1 class of a refusal: a body it cannot send is 3101, for good."""
+    return {"plt_code": PLT_MALFORMED} if scope.get("path", "").startswith(_PLT_PREFIX) else {}
 
 
 def _expected(scope: Scope) -> str:
