@@ -12,11 +12,14 @@ from contextlib import asynccontextmanager
 import structlog
 from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import ScalarRenderPlugin
 
 from nodes.db import open_pool
 from nodes.settings import Settings
 from nodes.workers import WorkerSet
 from wallet.api import routes
+from wallet.api.guards import input_guard_middleware
+from wallet.api.openapi import ContractJsonPlugin
 from wallet.api.problems import EXCEPTION_HANDLERS, request_id_middleware
 from wallet.api.system import metrics_middleware
 from wallet.clock import Clock, SystemClock
@@ -149,7 +152,7 @@ def create_app(
         route_handlers=routes.ROUTE_HANDLERS,
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[request_id_middleware, metrics_middleware],
+        middleware=[request_id_middleware, metrics_middleware, input_guard_middleware],
         request_max_body_size=MAX_BODY_BYTES,
         openapi_config=OpenAPIConfig(
             title=f"Province wallet node {settings.node_id} ({settings.province_code})",
@@ -157,6 +160,8 @@ def create_app(
             description="Wallets, relationships, settlements and PLT/1 for one province.",
             path="/schema",
             use_handler_docstrings=True,
+            # The JSON document is finished by wallet.api.openapi (problems, security, PLT/1).
+            render_plugins=[ContractJsonPlugin(), ScalarRenderPlugin(path="/")],
         ),
         debug=False,
     )

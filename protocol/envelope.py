@@ -37,6 +37,7 @@ from protocol.ids import uuid7
 from protocol.keys import KeyId, NodeId, SigningKey, TimeMs, node_of_kid
 from protocol.messages import (
     BATCH_MAX,
+    DECODE_ERRORS,
     Body,
     ErrorBody,
     ErrorReply,
@@ -249,7 +250,7 @@ def decode_envelope(raw: bytes, wire: Wire | None = None) -> Envelope:
     wire = wire if wire is not None else _sniff(raw)
     try:
         return _json_decoder.decode(raw) if wire == "json" else _msgpack_decoder.decode(raw)
-    except (msgspec.DecodeError, ValueError) as exc:  # ValueError: bad UTF-8
+    except DECODE_ERRORS as exc:
         raise MalformedMessage(f"envelope: {exc}") from None
 
 
@@ -274,7 +275,7 @@ def decode_batch(raw: bytes, wire: Wire | None = None) -> list[Envelope | Malfor
             if wire == "json"
             else _msgpack_batch_decoder.decode(raw)
         )
-    except (msgspec.DecodeError, ValueError) as exc:  # ValueError: bad UTF-8
+    except DECODE_ERRORS as exc:
         raise MalformedMessage(f"batch: {exc}") from None
     if len(items) > BATCH_MAX:
         raise MalformedMessage(f"a batch holds at most {BATCH_MAX} envelopes, got {len(items)}")

@@ -41,7 +41,9 @@ B64URL_KEY_PATTERN = r"^[A-Za-z0-9_-]{43}$"  # 32 bytes, unpadded base64url
 
 NodeId = Annotated[str, msgspec.Meta(pattern=NODE_PATTERN)]
 KeyId = Annotated[str, msgspec.Meta(pattern=KID_PATTERN)]
-TimeMs = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+# Up to the last millisecond of year 9999 UTC (protocol.messages.TIME_MS_MAX): a later
+# time has no date in Python or PostgreSQL.
+TimeMs = Annotated[int, msgspec.Meta(ge=0, le=253_402_300_799_999)]
 
 # Domain separation: a keyset signature can never be mistaken for an envelope signature,
 # whose signing input starts with b"PLT/1\0".

@@ -23,17 +23,29 @@ from protocol.keys import KeySetDocument, NodeId
 BATCH_MAX = 256  # items per STATUS_REQ, RELEASE, and envelopes per POST (PROTOCOL b.12)
 STATEMENT_BUCKETS = 256
 FEN_MAX = 2**63 - 1  # PostgreSQL BIGINT
+# The last millisecond of year 9999 UTC: a later time has no date in Python or PostgreSQL.
+TIME_MS_MAX = 253_402_300_799_999
+# A grant offered for longer than a year is no grant a node makes (RULES 12: until 06:00);
+# the bound keeps `received_at + accept_within` a date both ends can store.
+ACCEPT_WITHIN_MS_MAX = 366 * 24 * 3600 * 1000
+# PostgreSQL's text types cannot hold NUL: a field with one is malformed (3101), refused
+# before it reaches a handler, never a failure to apply (2003) that the peer would repeat.
+NO_NUL = r"^[^\x00]*$"
+# What decoding peer bytes may raise besides DecodeError: bad UTF-8 (ValueError) and
+# nesting deeper than the decoder's recursion bound (RecursionError, raised by msgspec
+# before the stack is at risk); each means "malformed".
+DECODE_ERRORS = (msgspec.DecodeError, ValueError, RecursionError)
 
 Uuid7 = Annotated[str, msgspec.Meta(pattern=UUID7_PATTERN)]
 Sha256Hex = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
 Fen = Annotated[int, msgspec.Meta(ge=0, le=FEN_MAX)]
 PositiveFen = Annotated[int, msgspec.Meta(gt=0, le=FEN_MAX)]
-TimeMs = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
-DurationMs = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+TimeMs = Annotated[int, msgspec.Meta(ge=0, le=TIME_MS_MAX)]
+DurationMs = Annotated[int, msgspec.Meta(ge=0, le=TIME_MS_MAX)]
 WindowId = Annotated[str, msgspec.Meta(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}$")]
-Ref = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-Text = Annotated[str, msgspec.Meta(max_length=500)]
+Ref = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=NO_NUL)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NO_NUL)]
+Text = Annotated[str, msgspec.Meta(max_length=500, pattern=NO_NUL)]
 IdNumber = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{17}[0-9X]$")]
 Currency = Literal["CNY"]
 FinalState = Literal["COMMITTED", "ABORTED"]
@@ -159,7 +171,7 @@ class DeviceProof(Body, frozen=True, kw_only=True):
     signature attests that this key is the person's registered device.
     """
 
-    kid: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    kid: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NO_NUL)]
     alg: Literal["ES256"]
     public_key: Annotated[bytes, msgspec.Meta(max_length=256)]
     sig: Annotated[bytes, msgspec.Meta(max_length=256)]
@@ -201,7 +213,7 @@ class Prepare(Body, frozen=True, kw_only=True):
     amount_fen: PositiveFen
     currency: Currency
     fee_fen: Fen
-    accept_within_ms: Annotated[int, msgspec.Meta(gt=0, le=2**63 - 1)]
+    accept_within_ms: Annotated[int, msgspec.Meta(gt=0, le=ACCEPT_WITHIN_MS_MAX)]
     window_id: WindowId
     user_auth: UserAuth
     a_hold_id: Uuid7
@@ -314,7 +326,7 @@ class ErrorReply(Body, frozen=True, kw_only=True):
     ref_hash: Sha256Hex | None
     transfer_id: Uuid7 | None
     error: ErrorBody
-    differs: Annotated[tuple[str, ...], msgspec.Meta(max_length=64)] = ()
+    differs: Annotated[tuple[Text, ...], msgspec.Meta(max_length=64)] = ()
 
 
 # --- relationship messages ---------------------------------------------------------------
@@ -505,7 +517,7 @@ class ReconReply(Body, frozen=True, kw_only=True):
 
     ref_typ: MessageType
     ref_hash: Sha256Hex
-    subject: Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
+    subject: Annotated[str, msgspec.Meta(min_length=1, max_length=32, pattern=NO_NUL)]
     outcome: Literal["MATCH", "MISMATCH", "PENDING", "BOOKED"]
     buckets: Annotated[tuple[Bucket, ...], msgspec.Meta(max_length=STATEMENT_BUCKETS)] = ()
     booked_fen: Annotated[int, msgspec.Meta(ge=-FEN_MAX, le=FEN_MAX)] = 0
@@ -562,8 +574,8 @@ def decode_body(typ: MessageType, raw: bytes) -> Body:
         raise MalformedMessage(f"unknown typ {typ!r}")
     try:
         body: Body = decoder.decode(raw)
-    except (msgspec.DecodeError, ValueError) as exc:  # ValueError: bad UTF-8 in msgpack
-        raise MalformedMessage(f"{typ} body: {exc}") from None
+    except DECODE_ERRORS as exc:
+        raise MalformedMessage(f"{typ} body: {exc or 'nested too deeply'}") from None
     if _ENCODER.encode(body) != raw:
         raise MalformedMessage(f"{typ} body is not in canonical (deterministic msgpack) encoding")
     return body

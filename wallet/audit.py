@@ -41,18 +41,23 @@ _UNIT_S = {"m": 60, "h": 3600, "d": 86400}
 
 
 def parse_since(value: str, now: dt.datetime) -> dt.datetime:
-    """`30m`, `24h`, `7d` (before now) or an ISO 8601 date or time (UTC unless it says)."""
-    relative = _RELATIVE.match(value.strip())
-    if relative:
-        return now - dt.timedelta(seconds=int(relative[1]) * _UNIT_S[relative[2]])
+    """`30m`, `24h`, `7d` (before now) or an ISO 8601 date or time (UTC unless it says).
+
+    The result is an instant PostgreSQL can compare: one that would fall outside years
+    1..9999 in UTC (`999999d`, `9999-12-31T23:59:59-23:59`) is refused, not passed on.
+    """
     try:
+        relative = _RELATIVE.match(value.strip())
+        if relative:
+            return now - dt.timedelta(seconds=int(relative[1]) * _UNIT_S[relative[2]])
         at = dt.datetime.fromisoformat(value.strip())
-    except ValueError:
+        return at.astimezone(dt.UTC) if at.tzinfo is not None else at.replace(tzinfo=dt.UTC)
+    except (ValueError, OverflowError):
         raise WalletError(
             ErrorCode.INVALID_REQUEST,
-            f"since {value!r}: give 30m, 24h, 7d, or an ISO date/time like 2026-03-16T08:00",
+            f"since {value!r}: give 30m, 24h, 7d, or an ISO date/time like 2026-03-16T08:00"
+            " (within years 1..9999 in UTC)",
         ) from None
-    return at if at.tzinfo is not None else at.replace(tzinfo=dt.UTC)
 
 
 def current_request_id() -> str | None:

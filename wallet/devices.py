@@ -181,6 +181,11 @@ async def register(
     point = parse_public_key(alg, public_key)
     kid = key_id(point)
     await verify_payment_password(ctx, person_id, payment_password)
+    existing = await ctx.pool.fetchrow(_ONE, person_id, kid)
+    if existing is not None and existing["revoked_at"] is None and existing["label"] == label:
+        # The same registration again (its answer lost, its one-time password used up):
+        # the device is registered; answer it as it is.
+        return _view(ctx, person_id, existing)
 
     async def action(conn: asyncpg.Connection, otp_person: int) -> DeviceView:
         if otp_person != person_id:

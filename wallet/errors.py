@@ -19,6 +19,7 @@ published, so app developers can switch on it. The codes, by HTTP status:
         device_signature_mismatch  the device signed another action/amount/relative/node/id
         device_signature_stale . the device signature is older than allowed (or from the future)
     404 not_found .............. unknown person, relationship, settlement, route, ...
+    405 method_not_allowed ..... the route exists but not with this method
     409 idempotency_conflict ... same idempotency key (reference, batch id) with another body
         insufficient_funds ..... the accounts that may pay do not cover the amount
         state_conflict ......... the object is not in a state that allows this action
@@ -27,12 +28,15 @@ published, so app developers can switch on it. The codes, by HTTP status:
     410 payment_code_expired ... the payment code is past its lifetime
         payment_code_used ...... the payment code was already used
         otp_expired ............ the one-time password is past its lifetime or used up
+    413 request_too_large ...... the body is larger than the route takes
+    415 unsupported_media_type . a body that is not JSON (PLT/1: not JSON or msgpack)
     422 rule_violation ......... a domain rule (docs/rules.md) forbids this (the detail says which)
         category_forbidden ..... shared money never pays for this category (RULES 17)
         person_not_eligible .... not in normal insured status / not employee scheme / no wallet
         relationship_not_allowed  not a close relative type accepted here, or limit reached
         refund_exceeds_settlement
     423 payment_password_locked  too many wrong passwords; try again later
+    503 service_unavailable .... the database is out of reach, or no PLT/1 keys; retry later
     500 internal_error ......... a bug: logged with the request id, never expected
 """
 
@@ -69,6 +73,7 @@ class ErrorCode(StrEnum):
     PAYMENT_CODE_USED = "payment_code_used"
     OTP_EXPIRED = "otp_expired"
     REQUEST_TOO_LARGE = "request_too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     RULE_VIOLATION = "rule_violation"
     CATEGORY_FORBIDDEN = "category_forbidden"
     PERSON_NOT_ELIGIBLE = "person_not_eligible"
@@ -106,6 +111,7 @@ _STATUS_AND_TITLE: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.PAYMENT_CODE_USED: (410, "The payment code was already used"),
     ErrorCode.OTP_EXPIRED: (410, "The one-time password has expired"),
     ErrorCode.REQUEST_TOO_LARGE: (413, "The request is too large"),
+    ErrorCode.UNSUPPORTED_MEDIA_TYPE: (415, "The body's media type is not taken here"),
     ErrorCode.RULE_VIOLATION: (422, "A rule forbids this"),
     ErrorCode.CATEGORY_FORBIDDEN: (422, "Shared money may not pay for this category"),
     ErrorCode.PERSON_NOT_ELIGIBLE: (422, "The person is not eligible"),

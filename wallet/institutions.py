@@ -192,6 +192,8 @@ async def _change_state(
     async with ctx.pool.acquire() as conn, conn.transaction():
         if await conn.fetchval(_SET_STATE, code, new_state, from_state) is None:
             current = await _view(conn, code)  # raises not_found
+            if current.state == new_state:
+                return current  # the same request again: it took effect
             raise WalletError(
                 ErrorCode.STATE_CONFLICT,
                 f"institution {code} is {current.state}",

@@ -23,6 +23,7 @@ is refused here for now with `relationship_not_allowed` (reason `receiver_in_oth
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Literal
 from zoneinfo import ZoneInfo
@@ -109,6 +110,11 @@ INSERT INTO relationship
 VALUES ($1, $2, $3, $4, 'pending_confirmation', $5)
 RETURNING id
 """
+_LIVE_PAIR = """
+SELECT id, relation_type, evidence_ref FROM relationship
+WHERE giver_person_id = $1 AND receiver_person_id = $2
+  AND state IN ('pending_confirmation', 'pending_review', 'active')
+"""
 _COUNT_LIVE_RECEIVERS = """
 SELECT count(*) FROM relationship
 WHERE giver_person_id = $1 AND state IN ('pending_confirmation', 'pending_review', 'active')
@@ -154,12 +160,12 @@ UPDATE relationship SET receiver_priority = array_position($2::bigint[], id)
 WHERE receiver_person_id = $1 AND state IN ('pending_confirmation', 'pending_review', 'active')
 RETURNING id
 """
-_STATE_FOR_PARTY = """
-SELECT state FROM relationship
-WHERE id = $1 AND (giver_person_id = $2 OR receiver_person_id = $2)
-"""
-_STATE_FOR_RECEIVER = "SELECT state FROM relationship WHERE id = $1 AND receiver_person_id = $2"
-_STATE = "SELECT state FROM relationship WHERE id = $1"
+# Where a relationship is when a transition did not apply: to tell an absent row, a replay
+# of an action that already took effect, and a state that contradicts the action.
+_FOUND = "SELECT state, confirmed_at, reviewed_at FROM relationship"
+_STATE_FOR_PARTY = _FOUND + " WHERE id = $1 AND (giver_person_id = $2 OR receiver_person_id = $2)"
+_STATE_FOR_RECEIVER = _FOUND + " WHERE id = $1 AND receiver_person_id = $2"
+_STATE = _FOUND + " WHERE id = $1"
 
 _VIEW_COLUMNS = """
 SELECT r.id, r.relation_type, r.state, r.evidence_ref, r.receiver_priority, r.filed_at,
@@ -231,6 +237,15 @@ async def file(
     async with ctx.pool.acquire() as conn, conn.transaction():
         _check_giver(await conn.fetchrow(_LOCK_GIVER, giver_person_id))
         receiver_id = await _find_receiver(conn, id_number, receiver_name, giver_person_id)
+        live = await conn.fetchrow(_LIVE_PAIR, giver_person_id, receiver_id)
+        if live is not None:
+            if (live["relation_type"], live["evidence_ref"]) != (relation_type, evidence_ref):
+                raise WalletError(
+                    ErrorCode.ALREADY_EXISTS,
+                    "a live relationship with this receiver already exists",
+                )
+            # The same filing again (its first answer lost): answer where it stands now.
+            return await _view(conn, ctx, live["id"], giver_person_id)
         try:
             relationship_id: int = await conn.fetchval(
                 _INSERT, giver_person_id, receiver_id, relation_type.value, evidence_ref, now
@@ -342,16 +357,17 @@ async def confirm(
     now = ctx.clock.now()
     review = ctx.rules.relationship_review_required
     async with ctx.pool.acquire() as conn, conn.transaction():
-        await _guarded(
+        if await _guarded(
             conn,
             _CONFIRM,
             (_row_id(relationship_id), receiver_person_id, review, now),
             _STATE_FOR_RECEIVER,
             receiver_person_id,
-        )
-        await _audit(
-            conn, now, f"person:{receiver_person_id}", "relationship.confirm", relationship_id
-        )
+            done=_confirmed,
+        ):
+            await _audit(
+                conn, now, f"person:{receiver_person_id}", "relationship.confirm", relationship_id
+            )
         return await _view(conn, ctx, relationship_id, receiver_person_id)
 
 
@@ -361,16 +377,17 @@ async def decline(
     """The receiver refuses a filed relationship; nothing is shared."""
     now = ctx.clock.now()
     async with ctx.pool.acquire() as conn, conn.transaction():
-        await _guarded(
+        if await _guarded(
             conn,
             _DECLINE,
             (_row_id(relationship_id), receiver_person_id),
             _STATE_FOR_RECEIVER,
             receiver_person_id,
-        )
-        await _audit(
-            conn, now, f"person:{receiver_person_id}", "relationship.decline", relationship_id
-        )
+            done=_in_state(RelationshipState.DECLINED),
+        ):
+            await _audit(
+                conn, now, f"person:{receiver_person_id}", "relationship.decline", relationship_id
+            )
         return await _view(conn, ctx, relationship_id, receiver_person_id)
 
 
@@ -390,14 +407,15 @@ async def end(
     )  # fmt: skip
     now = ctx.clock.now()
     async with ctx.pool.acquire() as conn, conn.transaction():
-        await _guarded(
+        if await _guarded(
             conn,
             _END,
             (_row_id(relationship_id), person_id, now, "ended by a party"),
             _STATE_FOR_PARTY,
             person_id,
-        )
-        await _audit(conn, now, f"person:{person_id}", "relationship.end", relationship_id)
+            done=_in_state(RelationshipState.ENDED),
+        ):
+            await _audit(conn, now, f"person:{person_id}", "relationship.end", relationship_id)
         return await _view(conn, ctx, relationship_id, person_id)
 
 
@@ -461,9 +479,11 @@ async def review(
     the decision and its audit record commit together."""
     now = ctx.clock.now()
     async with ctx.pool.acquire() as conn, conn.transaction():
-        await _guarded(conn, _REVIEW, (_row_id(relationship_id), approve, now), _STATE, None)
-        action = "relationship.approve" if approve else "relationship.reject"
-        await _audit(conn, now, actor, action, relationship_id)
+        done = _approved if approve else _in_state(RelationshipState.REJECTED)
+        args = (_row_id(relationship_id), approve, now)
+        if await _guarded(conn, _REVIEW, args, _STATE, None, done=done):
+            action = "relationship.approve" if approve else "relationship.reject"
+            await _audit(conn, now, actor, action, relationship_id)
         return await _view(conn, ctx, relationship_id, None)
 
 
@@ -476,21 +496,40 @@ def _row_id(value: int) -> int:
     return value
 
 
+def _confirmed(row: asyncpg.Record) -> bool:
+    return row["confirmed_at"] is not None
+
+
+def _approved(row: asyncpg.Record) -> bool:
+    return row["reviewed_at"] is not None and row["state"] != RelationshipState.REJECTED
+
+
+def _in_state(state: RelationshipState) -> Callable[[asyncpg.Record], bool]:
+    return lambda row: row["state"] == state
+
+
 async def _guarded(
     conn: asyncpg.Connection,
     statement: str,
     args: tuple[object, ...],
     explain: str,
     person_id: int | None,
-) -> None:
-    """Run a guarded transition; on a miss say whether the row is absent or in another state."""
+    *,
+    done: Callable[[asyncpg.Record], bool],
+) -> bool:
+    """Run a guarded transition: True if it applied, False if `done` says the same action
+    already took effect (a replay, answered with the current state); else say whether the
+    row is absent or in a state that contradicts the action."""
     if await conn.fetchval(statement, *args) is not None:
-        return
+        return True
     relationship_id = args[0]
     lookup = (relationship_id,) if person_id is None else (relationship_id, person_id)
-    state = await conn.fetchval(explain, *lookup)
-    if state is None:
+    row = await conn.fetchrow(explain, *lookup)
+    if row is None:
         raise WalletError(ErrorCode.NOT_FOUND, f"relationship {relationship_id} does not exist")
+    if done(row):
+        return False
+    state = row["state"]
     raise WalletError(
         ErrorCode.STATE_CONFLICT,
         f"relationship {relationship_id} is {state}; this action is not possible now",

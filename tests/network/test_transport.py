@@ -225,7 +225,6 @@ async def test_an_unreadable_batch_is_a_400_with_plt_code_3101(network: LocalNet
         (b"\xc1", "application/msgpack"),
         (b'{"v":1}', "application/json"),
         (too_long, "application/json"),
-        (b"[]", "text/plain"),
     ]
     async with client(b) as http:
         for content, content_type in cases:
@@ -234,6 +233,11 @@ async def test_an_unreadable_batch_is_a_400_with_plt_code_3101(network: LocalNet
             )
             assert response.status_code == 400, (content[:20], response.text)
             assert response.json()["plt_code"] == 3101
+        # A body in another media type: 415, and still malformed (3101) for the peer.
+        response = await http.post(
+            "/plt/v1/messages", content=b"[]", headers={"content-type": "text/plain"}
+        )
+        assert (response.status_code, response.json()["plt_code"]) == (415, 3101)
     await assert_untouched(b)
 
 

@@ -34,3 +34,5 @@ def test_demo_walks_a_grant_from_filing_to_spending_with_balanced_books() -> Non
     assert "father's personal account: ¥411.50" in out  # 500.00 - 88.50
     assert "prov-13: balanced" in out and "prov-31: balanced" in out
     assert "balanced, every fen accounted for" in out
+    # A normal start warns of nothing (the demo shows warnings only, so none at all).
+    assert "[warning" not in out + result.stderr

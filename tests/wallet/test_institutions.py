@@ -126,14 +126,17 @@ async def test_suspended_institution_key_is_refused_until_reactivated(
     assert accepted.status_code == 201
 
 
-async def test_suspending_twice_is_a_state_conflict(client: Client) -> None:
+async def test_suspending_twice_answers_the_current_state(client: Client) -> None:
     await register(client)
-    await client.post("/operator/v1/institutions/H1/suspend", headers=OPERATOR)
+    first = await client.post("/operator/v1/institutions/H1/suspend", headers=OPERATOR)
 
     response = await client.post("/operator/v1/institutions/H1/suspend", headers=OPERATOR)
 
-    assert response.status_code == 409
+    assert response.status_code == 200, response.text
+    assert response.json() == first.json()
     assert response.json()["state"] == "suspended"
+    audit = await client.get("/operator/v1/audit?action=institution.suspended", headers=OPERATOR)
+    assert len(audit.json()) == 1
 
 
 async def test_unknown_institution_is_not_found(client: Client) -> None:

@@ -235,6 +235,11 @@ async def test_logout_ends_the_session(client: Client, otp: RecordingOtpSender) 
     assert response.status_code == 204
     after = await client.get("/app/v1/wallet", headers=bearer(token))
     assert (after.status_code, after.json()["code"]) == (401, "unauthorized")
+    # The same logout again (its answer lost) gets the same answer; a made-up token does not.
+    again = await client.delete("/app/v1/sessions/current", headers=bearer(token))
+    assert again.status_code == 204
+    unknown = await client.delete("/app/v1/sessions/current", headers=bearer("no-such-token"))
+    assert (unknown.status_code, unknown.json()["code"]) == (401, "unauthorized")
 
 
 async def test_expired_session_is_refused(

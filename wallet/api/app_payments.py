@@ -10,7 +10,7 @@ from litestar.di import NamedDependency, Provide
 
 from wallet import devices, settlement
 from wallet.api.auth import AppCaller, provide_app_caller, provide_ctx
-from wallet.api.body import body_error
+from wallet.api.body import decode_json
 from wallet.context import WalletContext
 from wallet.devices import DeviceSignature
 from wallet.settlement import PaymentCodeView
@@ -22,7 +22,7 @@ class PaymentCodeRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     device: DeviceSignature
 
 
-_request = msgspec.json.Decoder(PaymentCodeRequest)
+_request = msgspec.json.Decoder(PaymentCodeRequest, strict=True)
 
 
 class AppPaymentCodesController(Controller):
@@ -42,10 +42,7 @@ class AppPaymentCodesController(Controller):
         `{"device": ...}` the phone's signature authorises it too (refused if it fails)."""
         raw = await request.body()
         if raw.strip():
-            try:
-                body = _request.decode(raw)
-            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-                raise body_error(exc) from exc
+            body = decode_json(raw, _request)
             await devices.authorise(
                 ctx, caller.person_id, payment_password=None, device=body.device,
                 action="payment_code.issue", ids={},

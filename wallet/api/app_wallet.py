@@ -12,8 +12,9 @@ from litestar.di import NamedDependency, Provide
 from litestar.params import FromQuery, JSONBody, QueryParameter
 
 from wallet import records, wallets
-from wallet.api.auth import AppCaller, provide_app_caller, provide_ctx
+from wallet.api.auth import AppCaller, provide_app_caller, provide_ctx, provide_session_to_end
 from wallet.api.body import StrictBody
+from wallet.api.guards import check_instant
 from wallet.context import WalletContext
 from wallet.records import RecordPage, WalletView
 from wallet.roster import IdNumberText
@@ -101,11 +102,16 @@ class AppWalletController(Controller):
         """Log in to an open wallet with a one-time password of purpose `login`."""
         return await wallets.login(ctx, data.otp_id, data.otp_code)
 
-    @delete("/sessions/current", operation_id="logout", status_code=204, dependencies=_AS_HOLDER)
+    @delete(
+        "/sessions/current",
+        operation_id="logout",
+        status_code=204,
+        dependencies={"caller": Provide(provide_session_to_end)},
+    )
     async def logout(
         self, ctx: NamedDependency[WalletContext], caller: NamedDependency[AppCaller]
     ) -> None:
-        """End the session whose token authorises this request."""
+        """End the session whose token authorises this request (again: still 204)."""
         await wallets.logout(ctx, caller.token_hash)
 
     @get("/wallet", operation_id="getWallet", dependencies=_AS_HOLDER)
@@ -132,6 +138,8 @@ class AppWalletController(Controller):
         Page with `before_id` = the previous page's `next_before_id`. `since` is inclusive,
         `until` exclusive.
         """
+        check_instant(since, "since")
+        check_instant(until, "until")
         return await records.list_records(
             ctx,
             caller.person_id,

@@ -23,6 +23,7 @@ _SESSION_PERSON = """
 SELECT s.person_id FROM app_session s JOIN wallet w ON w.person_id = s.person_id
 WHERE s.token_hash = $1 AND s.revoked_at IS NULL AND s.expires_at > $2 AND w.state = 'open'
 """
+_ANY_SESSION = "SELECT person_id FROM app_session WHERE token_hash = $1"
 _INSTITUTION = (
     "SELECT id, code, name, categories, account_id, state FROM institution WHERE api_key_hash = $1"
 )
@@ -72,6 +73,17 @@ async def provide_app_caller(request: Request[Any, Any, Any]) -> AppCaller:
     person_id = await ctx.pool.fetchval(_SESSION_PERSON, token_hash, ctx.clock.now())
     if person_id is None:
         raise WalletError(ErrorCode.UNAUTHORIZED, "the session token is unknown or has expired")
+    return AppCaller(person_id=person_id, token_hash=token_hash)
+
+
+async def provide_session_to_end(request: Request[Any, Any, Any]) -> AppCaller:
+    """The holder of a session being ended: any token this node issued, live or not, so a
+    logout sent again after it took effect gets the same answer (the session is ended)."""
+    ctx = context_of(request)
+    token_hash = digest(_bearer(request))
+    person_id = await ctx.pool.fetchval(_ANY_SESSION, token_hash)
+    if person_id is None:
+        raise WalletError(ErrorCode.UNAUTHORIZED, "the session token is unknown")
     return AppCaller(person_id=person_id, token_hash=token_hash)
 
 

@@ -8,6 +8,7 @@ schema is the model's, as before.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Generic, TypeVar
 
@@ -17,10 +18,24 @@ from litestar.dto import MsgspecDTO
 from litestar.openapi.spec import Reference, Schema
 from litestar.typing import FieldDefinition
 
+from wallet.api.guards import check_value
 from wallet.errors import ErrorCode, WalletError
 
 T = TypeVar("T", bound=msgspec.Struct)
 _PATH = re.compile(r"at `(\$[^`]*)`")
+
+
+def decode_json(raw: bytes, decoder: msgspec.json.Decoder[T]) -> T:
+    """Decode a JSON body strictly and guard it (`wallet.api.guards.check_value`): every
+    refusal, nesting too deep for the decoder included, is an `invalid_request` problem."""
+    try:
+        value = decoder.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise body_error(exc) from exc
+    except RecursionError:
+        raise WalletError(ErrorCode.INVALID_REQUEST, "the body is nested too deeply") from None
+    check_value(value)
+    return value
 
 
 def body_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> WalletError:
@@ -36,14 +51,16 @@ def body_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> WalletErro
     return WalletError(code, message, errors=[{"key": key, "message": message}])
 
 
+@functools.cache
+def _decoder_of(model_type: type[Any]) -> msgspec.json.Decoder[Any]:
+    return msgspec.json.Decoder(model_type, strict=True)
+
+
 class StrictBody(MsgspecDTO[T], Generic[T]):
     """A DTO that only decodes: strictly, with no coercion from strings."""
 
     def decode_bytes(self, value: bytes) -> Any:
-        try:
-            return msgspec.json.decode(value, type=self.model_type, strict=True)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise body_error(exc) from exc
+        return decode_json(value, _decoder_of(self.model_type))
 
     @classmethod
     def create_openapi_schema(

@@ -75,6 +75,7 @@ def http_error_handler(
         404: ErrorCode.NOT_FOUND,
         405: ErrorCode.METHOD_NOT_ALLOWED,
         413: ErrorCode.REQUEST_TOO_LARGE,
+        415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
         503: ErrorCode.SERVICE_UNAVAILABLE,
     }
     if exc.status_code >= 500 and exc.status_code != 503:

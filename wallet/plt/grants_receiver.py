@@ -814,6 +814,10 @@ async def _receiver_answers(
     async with ctx.pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(_LOAD_FOR_UPDATE, from_node, transfer_id)
         assert row is not None
+        if row["vote_typ"] == ("ACCEPT" if accepts else "DECLINE"):
+            # The same answer again (the app lost the first reply): it took effect, and the
+            # grant may have moved on since (committed, released); say where it is now.
+            return _incoming_view(row, now)
         old = machine(row)
         event: receiver.ReceiverEvent = (
             receiver.ReceiverAccepts(acceptance=acceptance, now_ms=now_ms)

@@ -7,7 +7,8 @@ answer, or a signed ERROR with the PLT/1 code of the refusal:
     3101 malformed       the item is not an envelope, or its body is not the body of its typ
     3105 bad signature   unknown node, unknown/revoked/expired key, tampered bytes, replay
                          as another typ (class F once the sender's key set was refreshed)
-    3100 validation      addressed to another node, or a message this node does not take
+    3100 validation      addressed to another node, a message this node does not take, or
+                         a value its database cannot store
     3106 modified        the same id with another body (`differs` names the fields)
     3208 unknown         a transfer message and no feature here knows it
     2003 unavailable     this node failed to apply it (class T: send it again)
@@ -26,6 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
+import asyncpg
+import asyncpg.exceptions._base as asyncpg_base
 import msgspec
 import structlog
 
@@ -49,6 +52,7 @@ from protocol.errors import (
 )
 from protocol.keys import NODE_PATTERN
 from protocol.messages import (
+    DECODE_ERRORS,
     Body,
     ErrorBody,
     ErrorReply,
@@ -105,6 +109,11 @@ class _Item:
     incoming: Incoming | None = None
     reply: Envelope | None = None
 
+
+# A message value PostgreSQL (class 22 "data exception") or asyncpg's encoder refuses: the
+# message's fault, permanent (3100). The message types bound their fields so that none is
+# expected; this keeps a field they miss from being answered 2003 "send it again".
+_DATA_ERRORS = (asyncpg.DataError, asyncpg_base.DataError)
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 # An equivocating peer is frozen (peer_link); only evidence still flows with it.
@@ -303,6 +312,10 @@ async def _apply(
         reply = _error(env, incoming.body, ErrorBody.of(code, text))
     except ProtocolError as exc:
         reply = _error_body(exc, env, incoming.body)
+    except _DATA_ERRORS as exc:  # a value PostgreSQL refuses: sending it again cannot help
+        log.warning("plt_apply_refused", sender=env.from_node, typ=str(env.typ), error=repr(exc))
+        text = f"{node.node_id} cannot store a value of this message"
+        reply = _error(env, incoming.body, ErrorBody.of(ErrorCode.VALIDATION, text))
     except Exception as exc:  # a failure here (database down, a bug) is temporary for the peer
         log.error(
             "plt_apply_failed",
@@ -350,7 +363,7 @@ def _error_body(exc: ProtocolError, env: Envelope, body: Body | None = None) -> 
 def _claimed_sender(raw: bytes, wire: Wire) -> str:
     try:
         claimed = (_claimed_json if wire == "json" else _claimed_msgpack).decode(raw)
-    except (msgspec.DecodeError, ValueError):
+    except DECODE_ERRORS:
         return UNKNOWN_SENDER
     sender = claimed.from_node
     if not isinstance(sender, str) or _NODE.fullmatch(sender) is None:

@@ -473,6 +473,12 @@ class PltNode:
             try:
                 keyset = await self.refresh_keyset(node, now_ms, force=True)
                 outcomes[node] = f"seq {keyset.seq}"
+            except httpx.TransportError as exc:
+                # Unreachable (not started yet, restarting): /ready and the outbox metrics
+                # show a peer that stays down; the next pass, or the first envelope under an
+                # unknown key, fetches the key set. Not a warning on every node's start.
+                outcomes[node] = f"failed: {exc!r}"
+                log.info("plt_keyset_peer_unreachable", node=node, error=repr(exc))
             except (httpx.HTTPError, SignatureError, msgspec.DecodeError, ValueError) as exc:
                 outcomes[node] = f"failed: {exc!r}"
                 log.warning("plt_keyset_refresh_failed", node=node, error=repr(exc))

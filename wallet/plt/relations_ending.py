@@ -29,6 +29,7 @@ from wallet.plt.relations_store import (
     LOCK_SIDE,
     CrossRelation,
     CrossRelationshipView,
+    CrossState,
     check_relation_id,
     from_ms,
     guarded_transition,
@@ -72,7 +73,9 @@ UPDATE cross_relationship SET state = 'ended', ended_at = $2, ended_by = 'system
 WHERE person_id = $1 AND state IN ('requested', 'pending_confirmation', 'active')
 RETURNING {COLUMNS}
 """
-_STATE_OF_PARTY = "SELECT state FROM cross_relationship WHERE relation_id = $1 AND person_id = $2"
+_STATE_OF_PARTY = """
+SELECT state, confirmed_at FROM cross_relationship WHERE relation_id = $1 AND person_id = $2
+"""
 
 
 # --- ended by a party or by a status change, at their own node ---------------------------------
@@ -98,8 +101,11 @@ async def end(
     now = ctx.clock.now()
     async with ctx.pool.acquire() as conn, conn.transaction():
         row = await guarded_transition(
-            conn, _END_BY_PARTY, _STATE_OF_PARTY, relation_id, person_id, now, "ended by a party"
-        )
+            conn, _END_BY_PARTY, _STATE_OF_PARTY, relation_id, person_id, now, "ended by a party",
+            done=CrossState.ENDED,
+        )  # fmt: skip
+        if row is None:
+            return await load_view(conn, ctx, relation_id, person_id)
         relation = relation_from_row(row)
         await _send_end(conn, relation, relation.side, "ended by a party", now)
         await _run_end_hooks(ctx, conn, relation, now)

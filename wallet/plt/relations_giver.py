@@ -66,6 +66,11 @@ SELECT (SELECT count(*) FROM relationship
      + (SELECT count(*) FROM cross_relationship
         WHERE side = 'giver' AND person_id = $1 AND state IN ('requested', 'active'))
 """
+_LIVE_FILING = """
+SELECT relation_id, relation_type, evidence_ref FROM cross_relationship
+WHERE side = 'giver' AND person_id = $1 AND other_id_number = $2 AND other_province = $3
+  AND state IN ('requested', 'active')
+"""
 _INSERT_GIVER_SIDE = """
 INSERT INTO cross_relationship
     (relation_id, side, peer_node, person_id, other_name, other_id_number, other_province,
@@ -156,6 +161,15 @@ async def file(
                 "a person cannot share with themselves",
                 reason="self",
             )
+        live = await conn.fetchrow(_LIVE_FILING, giver_person_id, id_number, receiver_province)
+        if live is not None:
+            if (live["relation_type"], live["evidence_ref"]) != (relation_type, evidence_ref):
+                raise WalletError(
+                    WalletCode.ALREADY_EXISTS,
+                    "a live relationship with this relative already exists",
+                )
+            # The same filing again (its first answer lost): where it stands now.
+            return await load_view(conn, ctx, live["relation_id"], giver_person_id)
         limit = ctx.rules.max_receivers_per_giver
         if (
             limit is not None

@@ -29,8 +29,10 @@ from wallet.plt.dispatch import Incoming
 from wallet.plt.relations_lookup import load_view
 from wallet.plt.relations_store import (
     COLUMNS,
+    CONFIRMED,
     LOCK_SIDE,
     CrossRelationshipView,
+    CrossState,
     check_relation_id,
     from_ms,
     guarded_transition,
@@ -74,7 +76,8 @@ WHERE side = 'receiver' AND relation_id = $1 AND person_id = $2 AND state = 'pen
 RETURNING {COLUMNS}
 """
 _STATE_OF_RECEIVER = """
-SELECT state FROM cross_relationship WHERE relation_id = $1 AND person_id = $2 AND side = 'receiver'
+SELECT state, confirmed_at FROM cross_relationship
+WHERE relation_id = $1 AND person_id = $2 AND side = 'receiver'
 """
 
 
@@ -101,8 +104,11 @@ async def confirm(
     now = ctx.clock.now()
     async with ctx.pool.acquire() as conn, conn.transaction():
         row = await guarded_transition(
-            conn, _CONFIRM_AT_RECEIVER, _STATE_OF_RECEIVER, relation_id, receiver_person_id, now
-        )
+            conn, _CONFIRM_AT_RECEIVER, _STATE_OF_RECEIVER, relation_id, receiver_person_id, now,
+            done=CONFIRMED,
+        )  # fmt: skip
+        if row is None:
+            return await load_view(conn, ctx, relation_id, receiver_person_id)
         body = RelConfirm(
             relation_id=relation_id,
             request_hash=row["request_hash"],
@@ -132,8 +138,11 @@ async def decline(
     now = ctx.clock.now()
     async with ctx.pool.acquire() as conn, conn.transaction():
         row = await guarded_transition(
-            conn, _DECLINE_AT_RECEIVER, _STATE_OF_RECEIVER, relation_id, receiver_person_id, now
-        )
+            conn, _DECLINE_AT_RECEIVER, _STATE_OF_RECEIVER, relation_id, receiver_person_id, now,
+            done=CrossState.DECLINED,
+        )  # fmt: skip
+        if row is None:
+            return await load_view(conn, ctx, relation_id, receiver_person_id)
         body = RelDecline(
             relation_id=relation_id,
             request_hash=row["request_hash"],

@@ -172,6 +172,9 @@ def relation_from_row(row: asyncpg.Record) -> CrossRelation:
 
 # --- guarded transitions ------------------------------------------------------------------
 
+# `done` of a confirmation: the receiver confirmed, whatever happened since.
+CONFIRMED = "confirmed"
+
 
 async def guarded_transition(
     conn: asyncpg.Connection,
@@ -180,17 +183,23 @@ async def guarded_transition(
     relation_id: str,
     person_id: int,
     *args: object,
-) -> asyncpg.Record:
-    """Run a guarded transition; on a miss say whether the row is absent or in another state
-    (`explain` finds the row the caller may act on)."""
+    done: str,
+) -> asyncpg.Record | None:
+    """Run a guarded transition; None when the row is already where this action leads
+    (`done`, a state, or "confirmed": a replay, answered with the current view and nothing
+    sent again); on any other miss say whether the row is absent or in another state
+    (`explain` finds the row the caller may act on: its state and confirmed_at)."""
     row = await conn.fetchrow(statement, relation_id, person_id, *args)
     if row is not None:
         return row
-    state = await conn.fetchval(explain, relation_id, person_id)
-    if state is None:
+    found = await conn.fetchrow(explain, relation_id, person_id)
+    if found is None:
         raise WalletError(
             WalletCode.NOT_FOUND, f"cross-province relationship {relation_id} does not exist"
         )
+    state = found["state"]
+    if state == done or (done == CONFIRMED and found["confirmed_at"] is not None):
+        return None
     raise WalletError(
         WalletCode.STATE_CONFLICT,
         f"cross-province relationship {relation_id} is {state}; this action is not possible now",

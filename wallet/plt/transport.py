@@ -48,7 +48,15 @@ import structlog
 from protocol.clock import retry_delay_ms
 from protocol.envelope import Envelope, Wire, encode_envelope
 from protocol.errors import MalformedMessage, ProtocolError, UnknownPeer
-from protocol.messages import BATCH_MAX, Body, ErrorReply, MessageType, body_hash, typ_of
+from protocol.messages import (
+    BATCH_MAX,
+    DECODE_ERRORS,
+    Body,
+    ErrorReply,
+    MessageType,
+    body_hash,
+    typ_of,
+)
 from wallet.context import WalletContext
 from wallet.plt.dispatch import Incoming, NoHandler, dispatch
 from wallet.plt.node import KEYSET_PATH, MESSAGES_PATH, PltNode
@@ -164,7 +172,7 @@ def split_batch(raw: bytes, wire: Wire) -> list[bytes]:
     """The items of a batch as their exact wire bytes; MalformedMessage for a bad array."""
     try:
         items = _json_items.decode(raw) if wire == "json" else _msgpack_items.decode(raw)
-    except (msgspec.DecodeError, ValueError) as exc:  # ValueError: bad UTF-8
+    except DECODE_ERRORS as exc:  # bad UTF-8 and too-deep nesting too
         raise MalformedMessage(f"batch: {exc}") from None
     if len(items) > BATCH_MAX:
         raise MalformedMessage(f"a batch holds at most {BATCH_MAX} envelopes, got {len(items)}")
