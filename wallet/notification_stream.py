@@ -171,7 +171,7 @@ async def _follow(
     ctx: WalletContext, person_id: int, cursor: int, wake: asyncio.Event
 ) -> AsyncIterator[ServerSentEventMessage]:
     heartbeat_s = ctx.notifications.sse_heartbeat_s
-    yield ServerSentEventMessage(comment="stream open", retry=RETRY_MS, sep="\n")
+    yield ServerSentEventMessage(data=None, comment="stream open", retry=RETRY_MS, sep="\n")
     while True:
         wake.clear()  # before reading: a commit during the read wakes the next wait
         batch = await notifications.after(ctx.pool, person_id, cursor, READ_BATCH)
@@ -183,4 +183,4 @@ async def _follow(
         try:
             await asyncio.wait_for(wake.wait(), timeout=heartbeat_s)
         except TimeoutError:
-            yield ServerSentEventMessage(comment="heartbeat", sep="\n")
+            yield ServerSentEventMessage(data=None, comment="heartbeat", sep="\n")
