@@ -27,6 +27,7 @@ import datetime as dt
 import hashlib
 import hmac
 import time
+import weakref
 from typing import Protocol
 
 import asyncpg
@@ -138,14 +139,16 @@ _SENDERS: dict[int, PushSender] = {}
 
 def use_sender(ctx: WalletContext, sender: PushSender) -> None:
     """Send this node's pushes through `sender` from now on."""
+    if id(ctx) not in _SENDERS:
+        weakref.finalize(ctx, _SENDERS.pop, id(ctx), None)
     _SENDERS[id(ctx)] = sender
 
 
 def sender_of(ctx: WalletContext) -> PushSender:
-    sender = _SENDERS.get(id(ctx))
-    if sender is None:
-        sender = _SENDERS[id(ctx)] = sender_for(ctx.notifications)
-    return sender
+    """The node's sender, made from its settings on first use."""
+    if id(ctx) not in _SENDERS:
+        use_sender(ctx, sender_for(ctx.notifications))
+    return _SENDERS[id(ctx)]
 
 
 # --- the worker pass ---------------------------------------------------------------------------
@@ -158,7 +161,7 @@ WITH due AS (
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 )
-UPDATE notification n SET push_next_at = $1 + make_interval(secs => $3)
+UPDATE notification n SET push_next_at = $1 + make_interval(secs => $3::float8)
 FROM due WHERE n.id = due.id
 RETURNING n.person_id, n.push_attempts, {", ".join("n." + c.strip() for c in notifications.COLUMNS.split(","))}
 """
@@ -169,7 +172,8 @@ WHERE id = $1 AND push_state = 'pending'
 """
 _FAILED = """
 UPDATE notification
-SET push_attempts = push_attempts + 1, push_last_error = $3, push_next_at = $2 + make_interval(secs => $4),
+SET push_attempts = push_attempts + 1, push_last_error = $3,
+    push_next_at = $2::timestamptz + make_interval(secs => $4::float8),
     push_state = CASE WHEN push_attempts + 1 >= $5 THEN 'failed' ELSE 'pending' END,
     push_done_at = CASE WHEN push_attempts + 1 >= $5 THEN $2 END
 WHERE id = $1 AND push_state = 'pending'

@@ -298,3 +298,12 @@ async def test_a_bad_last_event_id_is_refused_before_the_stream_opens(
         response = await client.get("/app/v1/events", headers={**holder.auth, "Last-Event-ID": bad})
         assert response.status_code == 400, bad
         assert response.json()["code"] == "invalid_request"
+
+
+async def test_every_kind_is_a_kind_the_table_accepts(
+    client: Client, otp: RecordingOtpSender, database_url: str, clock: ManualClock
+) -> None:
+    await member(client, otp, 1, "张三丰")
+    every = [Notice(person_id=1, kind=kind, event_key=f"test:{kind.value}") for kind in Kind]
+    async with wallet_context(database_url, clock, otp) as ctx, ctx.pool.acquire() as conn:
+        assert len(await notifications.record_many(conn, every, clock.now())) == len(Kind)
