@@ -132,10 +132,10 @@ def hub_of(ctx: WalletContext) -> Hub:
     return hub
 
 
-def parse_last_event_id(raw: str | None) -> int:
-    """The cursor from `Last-Event-ID` (0 without one); 400 for anything but a row id."""
+def parse_last_event_id(raw: str | None) -> int | None:
+    """The cursor from `Last-Event-ID` (None without one); 400 for anything but a row id."""
     if raw is None or raw == "":
-        return 0
+        return None
     if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or int(raw) > notifications.ID_MAX:
         raise WalletError(
             ErrorCode.INVALID_REQUEST,

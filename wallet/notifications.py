@@ -187,6 +187,7 @@ UPDATE notification SET read_at = $3 WHERE person_id = $1 AND id <= $2 AND read_
 """
 _OWNERS = "SELECT id FROM notification WHERE person_id = $1 AND id = ANY($2::bigint[])"
 _NEWEST = "SELECT coalesce(max(id), 0) FROM notification"
+_NEWEST_OF = "SELECT coalesce(max(id), 0) FROM notification WHERE person_id = $1"
 ID_MAX = 2**63 - 1
 
 
@@ -237,6 +238,12 @@ async def newest_id(pool: asyncpg.Pool) -> int:
     """The highest notification id of this node (0 if none): a `Last-Event-ID` above it was
     never issued here."""
     newest: int = await pool.fetchval(_NEWEST)
+    return newest
+
+
+async def newest_of(pool: asyncpg.Pool, person_id: int) -> int:
+    """The person's newest notification id (0 if none): where a new stream starts."""
+    newest: int = await pool.fetchval(_NEWEST_OF, person_id)
     return newest
 
 

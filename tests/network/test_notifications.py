@@ -77,11 +77,6 @@ async def test_the_receivers_stream_shows_the_offer_within_a_second_of_the_instr
         EventStream(pair.receiver) as receiver_phone,
         EventStream(pair.giver) as giver_phone,
     ):
-        assert [e.kind for e in await receiver_phone.take(1)] == ["relationship.requested"]
-        assert [e.kind for e in await giver_phone.take(2)] == [
-            "credit.arrived",
-            "relationship.confirmed",
-        ]
         started = time.monotonic()
         response = await instruct(pair, 30_000)
         assert response.status_code == 202, response.text
@@ -217,7 +212,6 @@ async def test_a_stream_resumed_with_last_event_id_loses_nothing_of_a_burst(
     giver = pair.giver
     burst = 20
     async with EventStream(giver) as phone:
-        before = await phone.take(2)  # the credit and the confirmation so far
         sending = asyncio.gather(
             *(credit(pair.a, giver, 100 + n, batch=f"burst-{n}") for n in range(burst))
         )
@@ -230,8 +224,10 @@ async def test_a_stream_resumed_with_last_event_id_loses_nothing_of_a_burst(
     ids = [e.id for e in got]
     assert ids == sorted(ids) and len(set(ids)) == burst
     assert sorted(e.data["amount_fen"] for e in got) == [100 + n for n in range(burst)]
-    listed_ids = [n["id"] for n in await listed(giver)]
-    assert sorted(ids + [e.id for e in before]) == sorted(listed_ids)
+    in_list = [
+        n["id"] for n in await listed(giver) if n["refs"].get("batch_id", "").startswith("b-burst")
+    ]
+    assert sorted(ids) == sorted(in_list)
 
 
 async def test_streams_per_session_are_bounded_and_a_closed_one_frees_its_place(
@@ -251,11 +247,11 @@ async def test_streams_per_session_are_bounded_and_a_closed_one_frees_its_place(
             assert fourth.response.headers["content-type"].startswith("application/problem+json")
             assert fourth.response.json()["code"] == "stream_limit_reached"
         # Another person's session has its own places, and sees only its own events.
-        async with EventStream(pair.receiver) as theirs:
+        async with EventStream(pair.receiver, last_event_id=0) as theirs:
             assert theirs.response is not None and theirs.response.status_code == 200
             event = await theirs.next()
             assert event.kind == "relationship.requested"
     await asyncio.sleep(0.1)  # the server notices the closed connections
-    async with EventStream(pair.giver) as again:
+    async with EventStream(pair.giver, last_event_id=0) as again:
         assert again.response is not None and again.response.status_code == 200
         assert (await again.next()).kind == "credit.arrived"

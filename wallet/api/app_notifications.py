@@ -83,12 +83,16 @@ class AppNotificationsController(Controller):
     ) -> ServerSentEvent:
         """My notifications as they happen (Server-Sent Events, `text/event-stream`).
 
-        Each event's `id` is the notification id and `event` its kind; reconnect with
-        `Last-Event-ID` to get every event after it (a bad one: 400). Comment lines are
-        heartbeats. At most `sse_streams_per_session` streams per session (429).
+        Each event's `id` is the notification id and `event` its kind. Without
+        `Last-Event-ID` the stream starts with the next new notification; with it (the id of
+        the newest notification the app holds, from the list or the stream; `0` for all),
+        every one after it comes first (a bad one: 400). Comment lines are heartbeats. At
+        most `sse_streams_per_session` streams per session (429).
         """
         cursor = notification_stream.parse_last_event_id(request.headers.get("last-event-id"))
-        if cursor > await notifications.newest_id(ctx.pool):
+        if cursor is None:  # live from now: the list has the history
+            cursor = await notifications.newest_of(ctx.pool, caller.person_id)
+        elif cursor > await notifications.newest_id(ctx.pool):
             raise WalletError(
                 ErrorCode.INVALID_REQUEST, "Last-Event-ID names an event this node never sent"
             )
