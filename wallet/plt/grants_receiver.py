@@ -321,6 +321,7 @@ async def _apply(
     """Execute a step's effects (not HoldQuota: PREPARE does that) and store the new state."""
     reply: Body | None = None
     posted = False
+    notify: list[str] = []
     peer = None if row is None else row["from_node"]  # the giver's node
     for effect in effects:
         match effect:
@@ -345,10 +346,7 @@ async def _apply(
                 await conn.execute(_FREEZE, effect.node, now, f"equivocation on grant {subject}")
                 log.error("plt_peer_frozen", node=effect.node, transfer_id=subject)
             case NotifyReceiver():
-                assert new is not None
-                await notices.to_receiver(
-                    ctx, conn, new.from_node, subject, effect.kind, now, plt_code=_code_of(new)
-                )
+                notify.append(effect.kind)  # last: it holds the receiver's lock to the commit
             case Reply():
                 reply = effect.body
             case _:  # Send, StopRetries, Alert, StoreEvidence
@@ -359,6 +357,11 @@ async def _apply(
         await _save(conn, row, new, now)
     if posted and row is not None:
         await _close_if_relation_ended(ctx, conn, row, now)
+    for kind in notify:
+        assert new is not None
+        await notices.to_receiver(
+            ctx, conn, new.from_node, subject, kind, now, plt_code=_code_of(new)
+        )
     return reply
 
 

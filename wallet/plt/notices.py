@@ -22,7 +22,6 @@ from protocol.messages import MessageType, Prepare
 from wallet.context import WalletContext
 from wallet.notifications import Kind, Notice, record_many
 from wallet.plt.grants_base import decode
-from wallet.plt.relations_ending import ON_GIVER_RELATION_ENDED, ON_RELATION_ENDED
 from wallet.plt.relations_store import CrossRelation
 from wallet.privacy import mask_name
 
@@ -200,10 +199,6 @@ def _relation_kind(side: Side, state: str, ended_by: str | None) -> Kind | None:
 async def relation_ended(
     ctx: WalletContext, conn: asyncpg.Connection, relation: CrossRelation, now: dt.datetime
 ) -> None:
-    """The ON_*_RELATION_ENDED hook: tell our party the relationship ended."""
+    """Tell our party the relationship ended (both nodes, whoever ended it), after the
+    ending's other hooks: a notification holds its recipient's lock until the commit."""
     await relation_changed(ctx, conn, relation.side, relation.relation_id, now)
-
-
-# Both nodes tell their own party, whoever ended it (the same transaction as the ending).
-ON_RELATION_ENDED.append(relation_ended)
-ON_GIVER_RELATION_ENDED.append(relation_ended)
