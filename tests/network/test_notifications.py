@@ -29,8 +29,17 @@ from tests.network.grant_flow import (
     linked_pair,
     set_clock,
 )
-from tests.network.support import Holder, app_get, app_post
-from tests.support import PASSWORD
+from tests.network.support import (
+    GIVER_SEQ,
+    RECEIVER_SEQ,
+    Holder,
+    app_get,
+    app_post,
+    client,
+    enrol,
+    file_cross,
+)
+from tests.support import OPERATOR, PASSWORD
 from wallet import push
 from wallet.clock import ManualClock
 from wallet.plt import grants
@@ -255,3 +264,45 @@ async def test_streams_per_session_are_bounded_and_a_closed_one_frees_its_place(
     async with EventStream(pair.giver, last_event_id=0) as again:
         assert again.response is not None and again.response.status_code == 200
         assert (await again.next()).kind == "credit.arrived"
+
+
+async def test_a_declined_cross_province_request_tells_the_giver_once(
+    network: LocalNetwork,
+) -> None:
+    giver = await enrol(network["prov-13"], GIVER_SEQ, "张三丰")
+    receiver = await enrol(network["prov-31"], RECEIVER_SEQ, "李小龙", scheme="resident")
+    filed = await file_cross(giver, receiver)
+    relation_id = filed.json()["relation_id"]
+    await network.run_senders()
+    declined = await app_post(receiver, f"/app/v1/cross-relationships/{relation_id}/decline")
+    assert declined.status_code == 200, declined.text
+    await network.run_senders()
+    [notice] = await listed(giver)
+    assert (notice["kind"], notice["refs"]) == (
+        "relationship.declined",
+        {"relation_id": relation_id},
+    )
+    assert (notice["counterpart_name_masked"], notice["counterpart_province"]) == ("李**", "310000")
+    assert await kinds(receiver) == [("relationship.requested", None)]
+
+
+async def test_a_death_at_the_receivers_node_ends_it_automatically_for_both(
+    network: LocalNetwork,
+) -> None:
+    pair = await linked_pair(network)
+    async with client(pair.b) as http:
+        response = await http.patch(
+            f"/operator/v1/persons/{pair.receiver.id_number}",
+            json={"status": "deceased"},
+            headers=OPERATOR,
+        )
+    assert response.status_code == 200, response.text
+    await network.run_senders()
+    giver_newest, receiver_newest = (await listed(pair.giver))[0], (await listed(pair.receiver))[0]
+    assert (giver_newest["kind"], giver_newest["detail"]["ended_by"]) == (
+        "relationship.ended_automatically",
+        "system",
+    )
+    assert receiver_newest["kind"] == "relationship.ended_automatically"
+    ended = [n for n in await listed(pair.giver) if n["kind"].startswith("relationship.ended")]
+    assert len(ended) == 1

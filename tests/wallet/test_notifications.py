@@ -307,3 +307,21 @@ async def test_every_kind_is_a_kind_the_table_accepts(
     every = [Notice(person_id=1, kind=kind, event_key=f"test:{kind.value}") for kind in Kind]
     async with wallet_context(database_url, clock, otp) as ctx, ctx.pool.acquire() as conn:
         assert len(await notifications.record_many(conn, every, clock.now())) == len(Kind)
+
+
+async def test_a_death_ends_relationships_automatically_and_tells_both(
+    client: Client, otp: RecordingOtpSender
+) -> None:
+    giver = await member(client, otp, 1, "张三丰")
+    receiver = await member(client, otp, 2, "李小龙")
+    relationship_id = await share(client, giver, receiver)
+    response = await client.patch(
+        f"/operator/v1/persons/{giver.id_number}", json={"status": "deceased"}, headers=OPERATOR
+    )
+    assert response.status_code == 200, response.text
+    newest = (await listed(client, receiver))["items"][0]
+    assert (newest["kind"], newest["refs"]) == (
+        "relationship.ended_automatically",
+        {"relationship_id": str(relationship_id)},
+    )
+    assert newest["detail"]["ended_by"] == "system"
