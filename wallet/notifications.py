@@ -116,7 +116,7 @@ WITH input AS (
                              deadline, refs, detail, n)
     ORDER BY person_id, n
 ), locked AS (
-    SELECT input.*, pg_advisory_xact_lock({_LOCK_SPACE}, person_id::integer) AS lock
+    SELECT input.*, pg_advisory_xact_lock({_LOCK_SPACE}, (person_id % 2147483647)::integer) AS lock
     FROM input
 ), inserted AS (
     INSERT INTO notification

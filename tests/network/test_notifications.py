@@ -14,6 +14,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
+import msgspec
 import pytest
 from structlog.testing import capture_logs
 
@@ -306,3 +308,31 @@ async def test_a_death_at_the_receivers_node_ends_it_automatically_for_both(
     assert receiver_newest["kind"] == "relationship.ended_automatically"
     ended = [n for n in await listed(pair.giver) if n["kind"].startswith("relationship.ended")]
     assert len(ended) == 1
+
+
+async def test_a_quiet_stream_sends_heartbeats_and_reads_at_each_without_a_wake_up(
+    network: LocalNetwork,
+) -> None:
+    pair = await linked_pair(network)
+    ctx = pair.a.ctx
+    ctx.notifications = msgspec.structs.replace(ctx.notifications, sse_heartbeat_s=0.2)
+    lines: list[str] = []
+    async with (
+        httpx.AsyncClient(base_url=pair.a.url, timeout=10) as http,
+        http.stream("GET", "/app/v1/events", headers=pair.giver.headers) as response,
+    ):
+        assert response.headers["content-type"].startswith("text/event-stream")
+        async for line in response.aiter_lines():
+            lines.append(line)
+            if line == ": heartbeat" and lines.count(line) == 1:
+                # A row committed without NOTIFY (a lost wake-up): found at the next read.
+                await ctx.pool.execute(
+                    "INSERT INTO notification (person_id, kind, event_key, created_at,"
+                    " push_next_at) SELECT person_id, 'wallet.locked', 'test:silent', now(), now()"
+                    " FROM notification LIMIT 1"
+                )
+            if line.startswith("data:"):
+                break
+    assert lines[:2] == [": stream open", "retry: 2000"]
+    assert lines[-3].startswith("id: ") and lines[-2] == "event: wallet.locked"
+    assert '"kind":"wallet.locked"' in lines[-1]

@@ -74,7 +74,7 @@ class AppNotificationsController(Controller):
             ctx.pool, caller.person_id, ctx.clock.now(), ids=data.ids, up_to=data.up_to
         )
 
-    @get("/events", operation_id="app_event_stream")
+    @get("/events", operation_id="app_event_stream", media_type="text/event-stream")
     async def events(
         self,
         request: Request[Any, Any, Any],
