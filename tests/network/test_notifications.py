@@ -336,3 +336,20 @@ async def test_a_quiet_stream_sends_heartbeats_and_reads_at_each_without_a_wake_
     assert lines[:2] == [": stream open", "retry: 2000"]
     assert lines[-3].startswith("id: ") and lines[-2] == "event: wallet.locked"
     assert '"kind":"wallet.locked"' in lines[-1]
+
+
+async def test_a_request_refused_by_the_receivers_node_tells_the_giver_why(
+    network: LocalNetwork,
+) -> None:
+    giver = await enrol(network["prov-13"], GIVER_SEQ, "张三丰")
+    receiver = await enrol(network["prov-31"], RECEIVER_SEQ, "李小龙", wallet=False)
+    filed = await file_cross(giver, receiver)
+    relation_id = filed.json()["relation_id"]
+    await network.run_senders()
+    await network.run_senders()
+    [notice] = await listed(giver)
+    assert (notice["kind"], notice["refs"]) == (
+        "relationship.declined",
+        {"relation_id": relation_id},
+    )
+    assert notice["detail"]["plt_code"] == 3204

@@ -51,7 +51,8 @@ LEFT JOIN cross_relationship c ON c.side = 'giver' AND c.relation_id = g.relatio
 WHERE g.transfer_id = ANY($1::text[])
 """
 _RELATION = """
-SELECT person_id, peer_node, state, other_name, other_province, relation_type, ended_by
+SELECT person_id, peer_node, state, other_name, other_province, relation_type, ended_by,
+       refusal_code
 FROM cross_relationship WHERE side = $1 AND relation_id = $2
 """
 
@@ -176,10 +177,18 @@ async def relation_changed(
         counterpart_name_masked=other,
         counterpart_province=row["other_province"] or _province(ctx, row["peer_node"]),
         refs={"relation_id": relation_id},
-        detail={"relation_type": row["relation_type"], "as": side}
-        | ({"ended_by": row["ended_by"]} if row["ended_by"] else {}),
+        detail=_relation_detail(side, row),
     )
     await record_many(conn, [notice], now)
+
+
+def _relation_detail(side: Side, row: asyncpg.Record) -> dict[str, object]:
+    detail: dict[str, object] = {"relation_type": row["relation_type"], "as": side}
+    if row["ended_by"]:
+        detail["ended_by"] = row["ended_by"]
+    if row["refusal_code"] is not None:
+        detail["plt_code"] = row["refusal_code"]
+    return detail
 
 
 def _relation_kind(side: Side, state: str, ended_by: str | None) -> Kind | None:
@@ -188,7 +197,7 @@ def _relation_kind(side: Side, state: str, ended_by: str | None) -> Kind | None:
             return Kind.RELATIONSHIP_REQUESTED
         case "giver", "active":
             return Kind.RELATIONSHIP_CONFIRMED
-        case "giver", "declined":
+        case "giver", "declined" | "refused":  # refused: by the receiver's node (plt_code)
             return Kind.RELATIONSHIP_DECLINED
         case _, "ended":
             automatic = ended_by == "system"

@@ -109,6 +109,7 @@ async def _on_reply(ctx: WalletContext, msg: Incoming, body: RelReply) -> None:
             return
         if body.ref_typ is MessageType.REL_REQUEST:
             await request_answered(conn, body, now)
+            await notices.relation_changed(ctx, conn, "giver", body.relation_id, now)
         elif body.ref_typ is MessageType.REL_CONFIRM and body.error is not None:
             await confirmation_refused(ctx, conn, msg.from_node, body, now)
         await outbox.stop(
