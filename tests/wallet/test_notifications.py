@@ -325,3 +325,29 @@ async def test_a_death_ends_relationships_automatically_and_tells_both(
         {"relationship_id": str(relationship_id)},
     )
     assert newest["detail"]["ended_by"] == "system"
+
+
+async def test_a_recipients_writers_are_serialised_so_ids_commit_in_order(
+    client: Client, otp: RecordingOtpSender, database_url: str, clock: ManualClock
+) -> None:
+    """A stream reads `id > cursor`: an id drawn earlier must never commit later."""
+    await member(client, otp, 1, "张三丰")
+    await member(client, otp, 2, "李四")
+    first = Notice(person_id=1, kind=Kind.WALLET_LOCKED, event_key="test:first")
+    second = Notice(person_id=1, kind=Kind.WALLET_LOCKED, event_key="test:second")
+    other = Notice(person_id=2, kind=Kind.WALLET_LOCKED, event_key="test:other")
+    async with wallet_context(database_url, clock, otp) as ctx:
+        async with ctx.pool.acquire() as slow, slow.transaction():
+            first_id = await notifications.record(slow, first, clock.now())
+
+            async def write(notice: Notice) -> int | None:
+                async with ctx.pool.acquire() as conn, conn.transaction():
+                    return await notifications.record(conn, notice, clock.now())
+
+            waiting = asyncio.create_task(write(second))
+            # Someone else's notification is not held up.
+            assert await asyncio.wait_for(write(other), timeout=5) is not None
+            await asyncio.sleep(0.2)
+            assert not waiting.done()  # same recipient: waits for the first to commit
+        second_id = await asyncio.wait_for(waiting, timeout=5)
+    assert first_id is not None and second_id is not None and second_id > first_id
