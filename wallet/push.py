@@ -77,6 +77,7 @@ class LogPushSender:
         n = message.notification
         log.info(
             "notification_pushed",
+            node=message.node,
             recipient=message.recipient,
             notification_id=n.id,
             kind=n.kind,

@@ -172,6 +172,27 @@ async def test_each_grant_and_relationship_event_reaches_its_person_once(
         text = str(item)
         assert pair.giver.id_number not in text and pair.receiver.id_number not in text
         assert pair.giver.name not in text and pair.receiver.name not in text
+    # The same notifications, once each, on the stream (replayed from 0) and pushed.
+    with capture_logs() as logs:
+        assert await push.run_once(pair.a.ctx) == len(giver_list)
+        assert await push.run_once(pair.b.ctx) == len(receiver_list)
+    pushed = [
+        (e["node"], e["recipient"], e["notification_id"])
+        for e in logs
+        if e["event"] == "notification_pushed"
+    ]
+    for who, node, items in (
+        (pair.giver, pair.a, giver_list),
+        (pair.receiver, pair.b, receiver_list),
+    ):
+        expected = [(n["id"], n["kind"]) for n in reversed(items)]
+        async with EventStream(who, last_event_id=0) as phone:
+            assert [(e.id, e.kind) for e in await phone.take(len(items))] == expected
+            with pytest.raises(TimeoutError):
+                await phone.next(timeout_s=0.3)
+        ref = await _ref(node, who)
+        mine = [i for n, r, i in pushed if (n, r) == (node.node_id, ref)]
+        assert sorted(mine) == [i for i, _ in expected]
 
 
 async def test_the_development_push_sender_pushes_each_notification_once(
