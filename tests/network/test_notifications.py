@@ -374,3 +374,13 @@ async def test_a_request_refused_by_the_receivers_node_tells_the_giver_why(
         {"relation_id": relation_id},
     )
     assert notice["detail"]["plt_code"] == 3204
+
+
+async def test_a_refused_instruction_notifies_no_one_at_either_node(network: LocalNetwork) -> None:
+    pair = await linked_pair(network, balance_fen=10_000)
+    before = (len(await listed(pair.giver)), len(await listed(pair.receiver)))
+    refused = await instruct(pair, 20_000)  # more than the giver has
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["code"] == "insufficient_funds"
+    await network.run_senders()
+    assert (len(await listed(pair.giver)), len(await listed(pair.receiver))) == before
