@@ -214,16 +214,16 @@ async def page(
     limit: int,
     unread_only: bool = False,
 ) -> NotificationPage:
-    """The person's notifications older than `before` (all if None), newest first."""
+    """The person's notifications older than `before` (all if None), newest first; one
+    more row than asked is read to know whether another page follows."""
+    limit = min(limit, PAGE_MAX)
     async with pool.acquire() as conn:
-        rows = await conn.fetch(
-            _PAGE, person_id, before or ID_MAX, not unread_only, min(limit, PAGE_MAX)
-        )
+        rows = await conn.fetch(_PAGE, person_id, before or ID_MAX, not unread_only, limit + 1)
         unread = await conn.fetchval(_UNREAD, person_id)
-    items = [view_of(r) for r in rows]
-    full = len(items) == min(limit, PAGE_MAX)
+    items = [view_of(r) for r in rows[:limit]]
+    more = len(rows) > limit
     return NotificationPage(
-        items=items, unread_count=unread, next_before=items[-1].id if items and full else None
+        items=items, unread_count=unread, next_before=items[-1].id if more else None
     )
 
 

@@ -237,6 +237,8 @@ async def test_the_list_pages_newest_first_and_marks_read(
     assert first["unread_count"] == 5
     second = await listed(client, holder, f"?limit=2&before={first['next_before']}")
     assert [i["amount_fen"] for i in second["items"]] == [3, 2]
+    last = await listed(client, holder, f"?limit=1&before={second['next_before']}")
+    assert ([i["amount_fen"] for i in last["items"]], last["next_before"]) == ([1], None)
     marked = await client.post(
         "/app/v1/notifications/read",
         json={"ids": [first["items"][0]["id"]]},
