@@ -9,7 +9,8 @@ a stream also reads again at each heartbeat, and when the LISTEN connection is r
 every stream is woken.
 
 The LISTEN connection is held only while at least one stream is open. Streams per session
-are bounded in this process (`sse_streams_per_session`).
+are bounded in this process (`sse_streams_per_session`), and a stream ends (an `error` event,
+`unauthorized`) at the first heartbeat after its session was logged out or expired.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ from wallet.errors import ErrorCode, WalletError
 log = structlog.get_logger("wallet.notification_stream")
 
 READ_BATCH = 100
+# A stream outlives no session: checked at each heartbeat (logout, expiry, a closed wallet).
+_SESSION_LIVE = """
+SELECT true FROM app_session s JOIN wallet w ON w.person_id = s.person_id
+WHERE s.token_hash = $1 AND s.revoked_at IS NULL AND s.expires_at > $2 AND w.state = 'open'
+"""
 RECONNECT_PAUSE_S = 1.0
 ALIVE_CHECK_S = 5.0
 # Tells EventSource clients how long to wait before reconnecting (milliseconds).
@@ -159,7 +165,7 @@ async def events(
     race for the last place ends at once with an `error` event carrying the problem."""
     try:
         async with hub_of(ctx).subscribe(person_id, session) as wake:
-            async for message in _follow(ctx, person_id, cursor, wake):
+            async for message in _follow(ctx, person_id, session, cursor, wake):
                 yield message
     except WalletError as exc:
         yield ServerSentEventMessage(
@@ -168,7 +174,7 @@ async def events(
 
 
 async def _follow(
-    ctx: WalletContext, person_id: int, cursor: int, wake: asyncio.Event
+    ctx: WalletContext, person_id: int, session: bytes, cursor: int, wake: asyncio.Event
 ) -> AsyncIterator[ServerSentEventMessage]:
     heartbeat_s = ctx.notifications.sse_heartbeat_s
     yield ServerSentEventMessage(data=None, comment="stream open", retry=RETRY_MS, sep="\n")
@@ -183,4 +189,8 @@ async def _follow(
         try:
             await asyncio.wait_for(wake.wait(), timeout=heartbeat_s)
         except TimeoutError:
+            if not await ctx.pool.fetchval(_SESSION_LIVE, session, ctx.clock.now()):
+                raise WalletError(
+                    ErrorCode.UNAUTHORIZED, "the session ended (logged out or expired)"
+                ) from None
             yield ServerSentEventMessage(data=None, comment="heartbeat", sep="\n")

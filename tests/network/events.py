@@ -61,7 +61,8 @@ class EventStream:
         async for line in self._lines:
             if line == "":
                 if "data" in fields:
-                    return Event(int(fields["id"]), fields["event"], json.loads(fields["data"]))
+                    event_id = int(fields.get("id", "0"))  # an `error` event has none
+                    return Event(event_id, fields["event"], json.loads(fields["data"]))
                 fields = {}
                 continue
             if line.startswith(":"):

@@ -384,3 +384,17 @@ async def test_a_refused_instruction_notifies_no_one_at_either_node(network: Loc
     assert refused.json()["code"] == "insufficient_funds"
     await network.run_senders()
     assert (len(await listed(pair.giver)), len(await listed(pair.receiver))) == before
+
+
+async def test_a_stream_ends_at_the_first_heartbeat_after_logout(network: LocalNetwork) -> None:
+    pair = await linked_pair(network)
+    ctx = pair.a.ctx
+    ctx.notifications = msgspec.structs.replace(ctx.notifications, sse_heartbeat_s=0.2)
+    async with EventStream(pair.giver) as phone:
+        async with httpx.AsyncClient(base_url=pair.a.url) as http:
+            logout = await http.delete("/app/v1/sessions/current", headers=pair.giver.headers)
+        assert logout.status_code == 204
+        ended = await phone.next(timeout_s=5)
+        assert (ended.kind, ended.data["code"]) == ("error", "unauthorized")
+        with pytest.raises(EOFError):
+            await phone.next(timeout_s=5)
