@@ -162,7 +162,8 @@ async def events(
     while quiet. Runs until the client goes away.
 
     The handler checked the session's capacity before answering 200; a stream that lost the
-    race for the last place ends at once with an `error` event carrying the problem."""
+    race for the last place, or whose session ended, ends with an `error` event carrying the
+    problem."""
     try:
         async with hub_of(ctx).subscribe(person_id, session) as wake:
             async for message in _follow(ctx, person_id, session, cursor, wake):
@@ -177,6 +178,8 @@ async def _follow(
     ctx: WalletContext, person_id: int, session: bytes, cursor: int, wake: asyncio.Event
 ) -> AsyncIterator[ServerSentEventMessage]:
     heartbeat_s = ctx.notifications.sse_heartbeat_s
+    loop = asyncio.get_running_loop()
+    checked_at = loop.time()
     yield ServerSentEventMessage(data=None, comment="stream open", retry=RETRY_MS, sep="\n")
     while True:
         wake.clear()  # before reading: a commit during the read wakes the next wait
@@ -184,13 +187,20 @@ async def _follow(
         for view in batch:
             yield _event(view)
             cursor = view.id
+        if loop.time() - checked_at >= heartbeat_s:  # a busy stream is checked as often
+            await _require_session(ctx, session)
+            checked_at = loop.time()
         if len(batch) == READ_BATCH:
             continue
         try:
             await asyncio.wait_for(wake.wait(), timeout=heartbeat_s)
         except TimeoutError:
-            if not await ctx.pool.fetchval(_SESSION_LIVE, session, ctx.clock.now()):
-                raise WalletError(
-                    ErrorCode.UNAUTHORIZED, "the session ended (logged out or expired)"
-                ) from None
+            await _require_session(ctx, session)
+            checked_at = loop.time()
             yield ServerSentEventMessage(data=None, comment="heartbeat", sep="\n")
+
+
+async def _require_session(ctx: WalletContext, session: bytes) -> None:
+    """End the stream (`unauthorized`) once its session is logged out or expired."""
+    if not await ctx.pool.fetchval(_SESSION_LIVE, session, ctx.clock.now()):
+        raise WalletError(ErrorCode.UNAUTHORIZED, "the session ended (logged out or expired)")
