@@ -263,3 +263,47 @@ def test_a_webhook_sender_needs_its_url_and_key(tmp_path: Any) -> None:
     assert (config.push_hmac_key, config.push_sender) == (KEY, "webhook")
     with pytest.raises(SettingsError, match="push_hmac_key_file"):
         Settings(push_hmac_key_file=str(tmp_path / "missing.key")).notification_settings()
+
+
+class RecordingSender:
+    """A push sender that takes a while and records what it was given."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+
+    async def send(self, message: push.PushMessage) -> None:
+        await asyncio.sleep(0.1)
+        self.ids.append(message.notification.id)
+
+
+async def test_replicas_share_the_backlog_and_push_each_row_once(
+    client: Client,
+    otp: RecordingOtpSender,
+    database_url: str,
+    clock: ManualClock,
+    db: asyncpg.Connection,
+) -> None:
+    holder = await member(client, otp, 1, "张三丰")
+    for n in range(10):
+        response = await client.post(
+            "/operator/v1/credit-batches",
+            json={
+                "batch_id": f"b-{n}",
+                "month": "2026-03",
+                "credits": [{"id_number": holder.id_number, "amount_fen": 1}],
+            },
+            headers=OPERATOR,
+        )
+        assert response.status_code == 201, response.text
+    async with (
+        wallet_context(database_url, clock, otp) as one,
+        wallet_context(database_url, clock, otp) as two,
+    ):
+        senders = [RecordingSender(), RecordingSender()]
+        for ctx, sender in zip((one, two), senders, strict=True):
+            ctx.notifications = msgspec.structs.replace(ctx.notifications, push_batch_max=5)
+            push.use_sender(ctx, sender)
+        handled = await asyncio.gather(push.run_once(one), push.run_once(two))
+    assert handled == [5, 5]
+    assert sorted(senders[0].ids + senders[1].ids) == list(range(1, 11))
+    assert await push_rows(db) == [("sent", 1, None)] * 10
