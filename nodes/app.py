@@ -59,6 +59,7 @@ async def open_context(
             or (LogOtpSender() if settings.otp_sender == "log" else NoOtpSender()),
             rules=settings.rules,
             clock=clock or system_clock(settings),
+            notifications=settings.notification_settings(),
         )
         if scrypt_n is not None:
             ctx.scrypt_n = scrypt_n

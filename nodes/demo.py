@@ -9,8 +9,9 @@ sender delivers signed PLT/1 messages between them by itself. The walk plays the
  2. the father (Hebei, employee scheme) and his daughter (Shanghai, resident scheme) open
     wallets and register their phones' device keys (payment password + SMS code, once);
  3. he files the relationship with her province; she confirms it from her own wallet;
- 4. he grants her a ¥300 quota, signed on his phone; she accepts, signed on hers; each node
-    checks the other's signature; Hebei commits (two-phase, signed);
+ 4. he grants her a ¥300 quota, signed on his phone; her phone shows the offer on its live
+    event stream; she accepts, signed on hers; each node checks the other's signature;
+    Hebei commits (two-phase, signed);
  5. she pays ¥88.50 at the Shanghai pharmacy with her own payment code, from the quota;
  6. he ends the relationship; Shanghai closes the quota and releases the unused ¥211.50,
     which Hebei returns to his personal account;
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
 import shutil
 import zoneinfo
@@ -47,6 +49,7 @@ from wallet.idnumber import check_character
 from wallet.otp import RecordingOtpSender
 
 HEBEI, SHANGHAI = "prov-13", "prov-31"
+SHANGHAI_TIME = zoneinfo.ZoneInfo("Asia/Shanghai")
 PASSWORD_FATHER = "246813"
 PASSWORD_DAUGHTER = "975312"
 GRANT_FEN = 30_000
@@ -188,6 +191,27 @@ async def _call(node: LocalNode, method: str, path: str, **kwargs: Any) -> Any:
     return response.json() if response.content else None
 
 
+async def _first_event(person: Person, kind: str, ready: asyncio.Event) -> dict[str, Any]:
+    """Follow the person's live event stream (as their phone does) until an event of `kind`;
+    `ready` is set once the stream is open, so nothing after that is missed."""
+    headers = person.headers
+    async with (
+        httpx.AsyncClient(base_url=person.node.url, timeout=httpx.Timeout(30, read=None)) as http,
+        http.stream("GET", "/app/v1/events", headers=headers) as response,
+    ):
+        event, data = "", ""
+        async for line in response.aiter_lines():
+            ready.set()
+            if line.startswith("event:"):
+                event = line.partition(":")[2].strip()
+            elif line.startswith("data:"):
+                data = line.partition(":")[2].strip()
+            elif line == "" and event == kind:
+                found: dict[str, Any] = json.loads(data)
+                return found
+    raise RuntimeError(f"the event stream ended before a {kind} event")
+
+
 async def _until(what: str, check: Callable[[], Awaitable[bool]]) -> None:
     """Wait for the workers to deliver (they poll every 0.1 s)."""
     deadline = asyncio.get_running_loop().time() + WAIT_S
@@ -292,6 +316,9 @@ async def walk(net: LocalNetwork, console: Console) -> bool:
     console.print(f"relationship {relation_id[:8]}… is active on both nodes")
 
     step(f"4. He grants her a {_yuan(GRANT_FEN)} quota on his phone; she accepts on hers")
+    phone_ready = asyncio.Event()
+    her_phone = asyncio.create_task(_first_event(daughter, "grant.offered", phone_ready))
+    await asyncio.wait_for(phone_ready.wait(), timeout=WAIT_S)
     transfer_id = uuid7()
     instructed = await father.call(
         "POST",
@@ -312,11 +339,13 @@ async def walk(net: LocalNetwork, console: Console) -> bool:
         "carries his signed instruction, which Shanghai checked before holding anything)"
     )
 
-    async def incoming() -> bool:
-        grants = await daughter.call("GET", "/app/v1/grants/incoming")
-        return any(g["transfer_id"] == transfer_id for g in grants)
-
-    await _until("PREPARE to reach Shanghai", incoming)
+    offer = await asyncio.wait_for(her_phone, timeout=WAIT_S)
+    accept_by = dt.datetime.fromisoformat(offer["deadline"]).astimezone(SHANGHAI_TIME)
+    console.print(
+        f"her phone (live event stream): {offer['kind']} — {_yuan(offer['amount_fen'])} from "
+        f"{offer['counterpart_name_masked']} ({offer['counterpart_province']}), accept by "
+        f"{accept_by:%Y-%m-%d %H:%M} Shanghai time"
+    )
     await daughter.call(
         "POST",
         f"/app/v1/grants/incoming/{transfer_id}/accept",

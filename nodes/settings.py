@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from wallet.credentials import PEPPER_FILE
+from wallet.notification_settings import NotificationSettings
 from wallet.rules import ProvinceRules
 
 __all__ = ["ProvinceRules", "Settings", "SettingsError", "load_settings"]
@@ -70,6 +71,18 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     # Shifts this node's clock by this many seconds (drills and container tests only: stand
     # a node just before its grant deadline). Production nodes leave it at 0.
     clock_offset_s: float = 0.0
+    # Notifications (docs/notifications.md): the push gateway ("log" for development,
+    # "webhook" to the province's push vendor with HMAC-signed bodies, "none"), its retry
+    # bounds, and the app event streams' bounds.
+    push_sender: Literal["log", "webhook", "none"] = "log"
+    push_webhook_url: str | None = None
+    push_hmac_key_file: str | None = None
+    push_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 5.0
+    push_attempts_max: Annotated[int, msgspec.Meta(ge=1, le=100)] = 10
+    push_backoff_s_min: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    push_backoff_s_max: Annotated[float, msgspec.Meta(gt=0)] = 600.0
+    sse_streams_per_session: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
+    sse_heartbeat_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 15.0
 
     @property
     def embedded_data_dir(self) -> Path:
@@ -93,6 +106,31 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     @property
     def plt_public_url(self) -> str:
         return self.public_url or f"http://{self.host}:{self.port}"
+
+    def notification_settings(self) -> NotificationSettings:
+        """The push gateway and stream bounds for the wallet, with the HMAC key file read
+        (a webhook without its URL or key is refused at start, not at the first push)."""
+        key: bytes | None = None
+        if self.push_hmac_key_file:
+            try:
+                key = Path(self.push_hmac_key_file).read_bytes().strip()
+            except OSError as exc:
+                raise SettingsError(f"cannot read push_hmac_key_file: {exc}") from exc
+        if self.push_sender == "webhook" and not (self.push_webhook_url and key):
+            raise SettingsError(
+                "push_sender = webhook needs push_webhook_url and push_hmac_key_file"
+            )
+        return NotificationSettings(
+            push_sender=self.push_sender,
+            push_webhook_url=self.push_webhook_url,
+            push_hmac_key=key,
+            push_timeout_s=self.push_timeout_s,
+            push_attempts_max=self.push_attempts_max,
+            push_backoff_s_min=self.push_backoff_s_min,
+            push_backoff_s_max=self.push_backoff_s_max,
+            sse_streams_per_session=self.sse_streams_per_session,
+            sse_heartbeat_s=self.sse_heartbeat_s,
+        )
 
 
 def _coerce_env(raw: Mapping[str, str], fields: set[str], prefix: str) -> dict[str, Any]:

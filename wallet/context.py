@@ -12,6 +12,7 @@ import asyncpg
 
 from wallet.clock import Clock, SystemClock
 from wallet.credentials import DEFAULT_SCRYPT_N, Pepper
+from wallet.notification_settings import NotificationSettings
 from wallet.plt.node import PltNode  # a real import: Litestar resolves these hints at runtime
 from wallet.rules import ProvinceRules
 
@@ -38,3 +39,5 @@ class WalletContext:
     # This node on the PLT/1 network (keys, peer directory, HTTP client); None when the node
     # has no keys yet (`plt-node keys init`), and then cross-province features answer 503.
     plt: PltNode | None = None
+    # Push gateway and event-stream bounds (`wallet.push`, `wallet.notification_stream`).
+    notifications: NotificationSettings = field(default_factory=NotificationSettings)

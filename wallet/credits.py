@@ -17,7 +17,7 @@ import asyncpg
 import msgspec
 import structlog
 
-from wallet import audit, ledger
+from wallet import audit, ledger, notices
 from wallet.context import WalletContext
 from wallet.errors import ErrorCode, WalletError
 from wallet.idnumber import normalize_id_number
@@ -189,6 +189,7 @@ async def post_batch(
             row_count=len(valid),
             total_fen=total_fen,
         )
+        await notices.credits_arrived(conn, batch_id, month, accounts, amounts, now)
     log.info("credit_batch_posted", batch_id=batch_id, rows=len(valid), total_fen=total_fen)
     return BatchResult(batch_id, month, len(valid), total_fen, created=True)
 

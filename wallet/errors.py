@@ -36,6 +36,7 @@ published, so app developers can switch on it. The codes, by HTTP status:
         relationship_not_allowed  not a close relative type accepted here, or limit reached
         refund_exceeds_settlement
     423 payment_password_locked  too many wrong passwords; try again later
+    429 stream_limit_reached ... this session has as many open event streams as allowed
     503 service_unavailable .... the database is out of reach, or no PLT/1 keys; retry later
     500 internal_error ......... a bug: logged with the request id, never expected
 """
@@ -80,6 +81,7 @@ class ErrorCode(StrEnum):
     RELATIONSHIP_NOT_ALLOWED = "relationship_not_allowed"
     REFUND_EXCEEDS_SETTLEMENT = "refund_exceeds_settlement"
     PAYMENT_PASSWORD_LOCKED = "payment_password_locked"
+    STREAM_LIMIT_REACHED = "stream_limit_reached"
     SERVICE_UNAVAILABLE = "service_unavailable"
     INTERNAL_ERROR = "internal_error"
 
@@ -118,6 +120,7 @@ _STATUS_AND_TITLE: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.RELATIONSHIP_NOT_ALLOWED: (422, "The relationship is not allowed"),
     ErrorCode.REFUND_EXCEEDS_SETTLEMENT: (422, "The refund exceeds what is left of the settlement"),
     ErrorCode.PAYMENT_PASSWORD_LOCKED: (423, "The payment password is locked"),
+    ErrorCode.STREAM_LIMIT_REACHED: (429, "Too many open event streams"),
     ErrorCode.SERVICE_UNAVAILABLE: (503, "The service is unavailable"),
     ErrorCode.INTERNAL_ERROR: (500, "Internal error"),
 }

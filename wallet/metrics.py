@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from protocol.clock import DECISION_UNACKED_ALERT_MS
+from wallet import push
 from wallet.context import WalletContext
 
 # The framework adds `; charset=utf-8` to text media types: CONTENT_TYPE is what goes out.
@@ -173,7 +174,9 @@ async def database_gauges(
     now = now or ctx.clock.now()
     unacked_before = now - dt.timedelta(milliseconds=DECISION_UNACKED_ALERT_MS)
     async with ctx.pool.acquire() as conn:
-        return await _read(conn, peers, now, unacked_before)
+        families = await _read(conn, peers, now, unacked_before)
+        families += [gauge(n, h, {(): v}) for n, h, v in await push.gauges(conn, now)]
+        return families
 
 
 async def _read(

@@ -26,7 +26,7 @@ from typing import NoReturn
 import asyncpg
 import structlog
 
-from wallet import audit
+from wallet import audit, notices
 from wallet.context import WalletContext
 from wallet.credentials import (
     PepperUnavailable,
@@ -128,15 +128,26 @@ async def verify_payment_password(ctx: WalletContext, person_id: int, password: 
         if upgraded is not None and row is not None and row["upgraded"]:
             log.info("password_hash_upgraded", person_id=person_id)
         return
-    failed = await ctx.pool.fetchrow(
-        _RESERVED_FAILED,
-        person_id,
-        rules.password_max_failures,
-        now + dt.timedelta(seconds=rules.password_lockout_s),
-    )
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        failed = await conn.fetchrow(
+            _RESERVED_FAILED,
+            person_id,
+            rules.password_max_failures,
+            now + dt.timedelta(seconds=rules.password_lockout_s),
+        )
+        await _notify_if_locked(conn, person_id, failed, now)
     _raise_failure(
         ctx, failed, now, ErrorCode.PAYMENT_PASSWORD_WRONG, "the payment password is wrong"
     )
+
+
+async def _notify_if_locked(
+    conn: asyncpg.Connection, person_id: int, failed: asyncpg.Record | None, now: dt.datetime
+) -> None:
+    """This failure locked the wallet: tell its holder, with the failure's transaction."""
+    locked_until: dt.datetime | None = None if failed is None else failed["locked_until"]
+    if locked_until is not None and locked_until > now:
+        await notices.wallet_locked(conn, person_id, locked_until, now)
 
 
 def _raise_failure(
@@ -197,6 +208,7 @@ async def record_failure(
                 code=str(code),
                 **audit_detail,
             )
+            await _notify_if_locked(conn, person_id, failed, now)
     if failed is None:
         raise WalletError(ErrorCode.PERSON_NOT_ELIGIBLE, "the person has no open wallet")
     _raise_failure(ctx, failed, now, code, detail, **extra)

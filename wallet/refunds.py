@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import asyncpg
 import msgspec
 
-from wallet import audit
+from wallet import audit, notices
 from wallet.context import WalletContext
 from wallet.errors import ErrorCode, WalletError
 from wallet.ledger import lock_accounts, transfer
@@ -251,6 +251,8 @@ async def _refund_new(
             amount_fen=refund_fen,
             sources=[{"account_id": s.account_id, "amount_fen": take} for s, take in plan],
         )
+        refunded = [(s.seq, take) for s, take in plan]
+        await notices.shared_money_refunded(conn, settlement_id, refund_id, refunded, now)
         return await _refund_view(conn, refund_id)
 
 

@@ -32,11 +32,12 @@ import asyncpg
 import msgspec
 import structlog
 
-from wallet import audit, devices
+from wallet import audit, devices, notices
 from wallet.context import WalletContext
 from wallet.devices import DeviceSignature, filing_ids
 from wallet.errors import ErrorCode, WalletError
 from wallet.idnumber import age_on, normalize_id_number
+from wallet.notifications import Kind
 from wallet.privacy import mask_id_number, mask_name
 from wallet.rules import ProvinceRules, RelationType
 
@@ -198,7 +199,11 @@ async def end_all_for_person(
     Runs inside the caller's transaction, so the status change and the endings commit together.
     """
     rows = await conn.fetch(_END_ALL_FOR_PERSON, person_id, now, reason)
-    return [r["id"] for r in rows]
+    ended = [r["id"] for r in rows]
+    await notices.relationships_changed(
+        conn, ended, Kind.RELATIONSHIP_ENDED_AUTOMATICALLY, "both", now
+    )
+    return ended
 
 
 # --- filing ----------------------------------------------------------------------------
@@ -266,6 +271,9 @@ async def file(
             relationship_id,
             relation_type=relation_type.value,
             receiver_under_16=view.receiver_under_16_at_filing,
+        )
+        await notices.relationships_changed(
+            conn, [relationship_id], Kind.RELATIONSHIP_REQUESTED, "receiver", now
         )
     return view
 
@@ -368,6 +376,9 @@ async def confirm(
             await _audit(
                 conn, now, f"person:{receiver_person_id}", "relationship.confirm", relationship_id
             )
+            await notices.relationships_changed(
+                conn, [relationship_id], Kind.RELATIONSHIP_CONFIRMED, "giver", now
+            )
         return await _view(conn, ctx, relationship_id, receiver_person_id)
 
 
@@ -387,6 +398,9 @@ async def decline(
         ):
             await _audit(
                 conn, now, f"person:{receiver_person_id}", "relationship.decline", relationship_id
+            )
+            await notices.relationships_changed(
+                conn, [relationship_id], Kind.RELATIONSHIP_DECLINED, "giver", now
             )
         return await _view(conn, ctx, relationship_id, receiver_person_id)
 
@@ -416,6 +430,9 @@ async def end(
             done=_in_state(RelationshipState.ENDED),
         ):
             await _audit(conn, now, f"person:{person_id}", "relationship.end", relationship_id)
+            await notices.relationships_changed(
+                conn, [relationship_id], Kind.RELATIONSHIP_ENDED, "both", now
+            )
         return await _view(conn, ctx, relationship_id, person_id)
 
 

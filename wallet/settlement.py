@@ -44,7 +44,7 @@ from typing import Literal
 import asyncpg
 import msgspec
 
-from wallet import audit
+from wallet import audit, notices
 from wallet.context import WalletContext
 from wallet.credentials import digest, new_numeric_code
 from wallet.errors import ErrorCode, WalletError
@@ -460,6 +460,7 @@ async def _settle_new(
             plan=plan,
             payee_account_id=patient["payee"],
         )
+        await notices.shared_money_spent(conn, settlement_id, now)
         if any(c.source == "quota" for c, _ in plan):
             # A quota's giver is named by the quota row: read the view as a replay would.
             view = await _settlement_view(conn, settlement_id)

@@ -30,6 +30,7 @@ def test_demo_walks_a_grant_from_filing_to_spending_with_balanced_books() -> Non
     out = result.stdout
     assert "relationship" in out and "is active on both nodes" in out
     assert "her quota: ¥300.00" in out
+    assert "her phone (live event stream): grant.offered — ¥300.00 from " in out
     assert "quota" in out.split("5. She pays")[1].split("6. He ends")[0]
     assert "father's personal account: ¥411.50" in out  # 500.00 - 88.50
     assert "prov-13: balanced" in out and "prov-31: balanced" in out

@@ -7,6 +7,7 @@ from typing import Any
 from wallet.api.app_cross_relationships import AppCrossRelationshipsController
 from wallet.api.app_devices import AppDevicesController, OperatorDevicesController
 from wallet.api.app_grants import AppGrantsController
+from wallet.api.app_notifications import AppNotificationsController
 from wallet.api.app_payments import AppPaymentCodesController
 from wallet.api.app_relationships import AppRelationshipsController
 from wallet.api.app_wallet import AppWalletController
@@ -37,4 +38,5 @@ ROUTE_HANDLERS: list[Any] = [
     OperatorClearingController,
     AppDevicesController,
     OperatorDevicesController,
+    AppNotificationsController,
 ]

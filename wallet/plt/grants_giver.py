@@ -81,7 +81,7 @@ from wallet.context import WalletContext
 from wallet.devices import DeviceSignature
 from wallet.errors import ErrorCode as WalletCode
 from wallet.errors import WalletError
-from wallet.plt import grants_sweep, outbox, relations
+from wallet.plt import grants_sweep, notices, outbox, relations
 from wallet.plt.dispatch import Incoming, handles
 from wallet.plt.grants_base import (
     PURPOSE_GRANT,
@@ -344,12 +344,11 @@ async def _apply(
                     side="giver",
                     amount_fen=row["amount_fen"],
                     peer=row["to_node"],
-                    code=None
-                    if new is None or new.decision is None or new.decision.reason is None
-                    else int(new.decision.reason.code),
+                    code=_code_of(new),
                 )
             case NotifyGiver():
                 log.info("grant_outcome", transfer_id=subject, state=effect.state)
+                await notices.to_givers(conn, [(subject, effect.state, _code_of(new))], now)
             case Reply():
                 reply = effect.body
             case _:  # Send, StopRetries, Alert, StoreEvidence
@@ -359,6 +358,12 @@ async def _apply(
     if row is not None and new is not None and new != old:
         await _save(conn, row, new, now)
     return reply
+
+
+def _code_of(state: GiverTransfer | None) -> int | None:
+    """The PLT/1 code of the DECISION's reason (an ABORT's: 3303 expired, ...), if any."""
+    reason = None if state is None or state.decision is None else state.decision.reason
+    return None if reason is None else int(reason.code)
 
 
 async def lock_grant(conn: asyncpg.Connection, transfer_id: str) -> asyncpg.Record | None:
@@ -933,6 +938,7 @@ async def _apply_release(
                 released_fen=cumulative,
             )
             log.info("grant_released", transfer_id=row["transfer_id"], returned_fen=delta)
+            await notices.quota_returned(conn, row["transfer_id"], delta, cumulative, now)
         reply = _release_reply(release, msg, now, None, None)
     else:
         code, text = problem

@@ -70,7 +70,7 @@ from wallet.context import WalletContext
 from wallet.devices import DeviceSignature
 from wallet.errors import ErrorCode as WalletCode
 from wallet.errors import WalletError
-from wallet.plt import outbox, quota
+from wallet.plt import notices, outbox, quota
 from wallet.plt.dispatch import Incoming, handles
 from wallet.plt.grants_base import (
     PURPOSE_QUOTA,
@@ -321,6 +321,7 @@ async def _apply(
     """Execute a step's effects (not HoldQuota: PREPARE does that) and store the new state."""
     reply: Body | None = None
     posted = False
+    notify: list[str] = []
     peer = None if row is None else row["from_node"]  # the giver's node
     for effect in effects:
         match effect:
@@ -345,7 +346,7 @@ async def _apply(
                 await conn.execute(_FREEZE, effect.node, now, f"equivocation on grant {subject}")
                 log.error("plt_peer_frozen", node=effect.node, transfer_id=subject)
             case NotifyReceiver():
-                log.info("grant_notify_receiver", transfer_id=subject, kind=effect.kind)
+                notify.append(effect.kind)  # last: it holds the receiver's lock to the commit
             case Reply():
                 reply = effect.body
             case _:  # Send, StopRetries, Alert, StoreEvidence
@@ -356,7 +357,18 @@ async def _apply(
         await _save(conn, row, new, now)
     if posted and row is not None:
         await _close_if_relation_ended(ctx, conn, row, now)
+    for kind in notify:
+        assert new is not None
+        await notices.to_receiver(
+            ctx, conn, new.from_node, subject, kind, now, plt_code=_code_of(new)
+        )
     return reply
+
+
+def _code_of(state: ReceiverTransfer) -> int | None:
+    """The PLT/1 code of the giver node's ABORT, if it gave one (3303 expired, ...)."""
+    reason = None if state.decision is None else state.decision.reason
+    return None if reason is None else int(reason.code)
 
 
 async def _close_if_relation_ended(

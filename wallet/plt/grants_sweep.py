@@ -21,7 +21,7 @@ from protocol.effects import Effect, NotifyGiver, Send, StopRetries, VoidHold
 from protocol.giver import GiverTransfer
 from protocol.messages import MessageType, encode_body
 from wallet import audit, ledger
-from wallet.plt import outbox
+from wallet.plt import notices, outbox
 from wallet.plt.grants_base import PURPOSE_GRANT_RETURNED, grant_log_context, log
 
 _BATCHED = (VoidHold, StopRetries, Send, NotifyGiver)
@@ -57,6 +57,7 @@ async def execute_batch(
     events: list[tuple[dt.datetime, str, str, str | None, dict[str, object]]] = []
     stops: list[tuple[str, MessageType, str]] = []
     sends: list[tuple[str, MessageType, str, bytes]] = []
+    outcomes: list[tuple[str, str, int | None]] = []
     for step in steps:
         row, tid = step.row, step.row["transfer_id"]
         for effect in step.effects:
@@ -78,6 +79,8 @@ async def execute_batch(
             elif isinstance(effect, NotifyGiver):
                 with grant_log_context(node, tid):
                     log.info("grant_outcome", transfer_id=tid, state=effect.state)
+                reason = None if step.new.decision is None else step.new.decision.reason
+                outcomes.append((tid, effect.state, None if reason is None else int(reason.code)))
     if voids:
         await ledger.void_holds(conn, voids, PURPOSE_GRANT_RETURNED)
     if events:
@@ -86,3 +89,4 @@ async def execute_batch(
         await outbox.stop_many(conn, stops, now=now)
     if sends:
         await outbox.enqueue_many(conn, sends, now=now)
+    await notices.to_givers(conn, outcomes, now)

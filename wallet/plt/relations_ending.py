@@ -21,7 +21,7 @@ from protocol.messages import MessageType, RelEnd, RelReply, encode_body
 from wallet import devices
 from wallet.context import WalletContext
 from wallet.devices import DeviceSignature
-from wallet.plt import outbox
+from wallet.plt import notices, outbox
 from wallet.plt.dispatch import Incoming
 from wallet.plt.relations_lookup import load_view
 from wallet.plt.relations_store import (
@@ -170,6 +170,7 @@ async def _run_end_hooks(
     hooks = ON_RELATION_ENDED if relation.side == "receiver" else ON_GIVER_RELATION_ENDED
     for hook in hooks:
         await hook(ctx, conn, relation, now)
+    await notices.relation_ended(ctx, conn, relation, now)
 
 
 # --- ended by the peer ------------------------------------------------------------------------

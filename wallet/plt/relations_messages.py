@@ -23,7 +23,7 @@ from protocol.messages import (
     body_hash,
 )
 from wallet.context import WalletContext
-from wallet.plt import outbox
+from wallet.plt import notices, outbox
 from wallet.plt.dispatch import Incoming, handles
 from wallet.plt.relations_ending import confirmation_refused, on_end
 from wallet.plt.relations_giver import on_answer, request_answered
@@ -70,11 +70,16 @@ async def on_relation_message(ctx: WalletContext, msg: Incoming) -> Body | None:
         return None
     if msg.is_reply:
         raise ValidationFailed(f"{msg.typ} is a request, not a reply")
+    now = ctx.clock.now()
     async with ctx.pool.acquire() as conn, conn.transaction():
         if isinstance(body, RelRequest):
-            return await on_request(conn, msg, body)
+            reply = await on_request(conn, msg, body)
+            await notices.relation_changed(ctx, conn, "receiver", body.relation_id, now)
+            return reply
         if isinstance(body, RelConfirm | RelDecline):
-            return await on_answer(conn, msg, body)
+            reply = await on_answer(conn, msg, body)
+            await notices.relation_changed(ctx, conn, "giver", body.relation_id, now)
+            return reply
         if isinstance(body, RelEnd):
             return await on_end(ctx, conn, msg, body)
     raise ValidationFailed(f"{msg.typ} is not a relationship message")
@@ -104,6 +109,7 @@ async def _on_reply(ctx: WalletContext, msg: Incoming, body: RelReply) -> None:
             return
         if body.ref_typ is MessageType.REL_REQUEST:
             await request_answered(conn, body, now)
+            await notices.relation_changed(ctx, conn, "giver", body.relation_id, now)
         elif body.ref_typ is MessageType.REL_CONFIRM and body.error is not None:
             await confirmation_refused(ctx, conn, msg.from_node, body, now)
         await outbox.stop(
