@@ -87,3 +87,11 @@ async def test_plt_bodies_in_json_and_msgpack(document: dict[str, Any]) -> None:
 async def test_institution_replays_document_their_200(document: dict[str, Any]) -> None:
     settle = operation(document, "/institution/v1/settlements", "post")
     assert settle["responses"]["200"]["content"] == settle["responses"]["201"]["content"]
+
+
+async def test_notification_refusals_are_documented(document: dict[str, Any]) -> None:
+    stream = operation(document, "/app/v1/events", "get")
+    assert sorted(stream["responses"]) == ["200", "400", "401", "429", "503"]
+    assert stream["responses"]["200"]["content"].keys() == {"text/event-stream"}
+    mark = operation(document, "/app/v1/notifications/read", "post")
+    assert "404" in mark["responses"]

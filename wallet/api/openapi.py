@@ -119,6 +119,8 @@ _OPERATION_ERRORS: dict[str, tuple[int, ...]] = {
     "app_request_device_otp": (404, 422),
     "app_revoke_device": (404,),
     "pltTransferStatus": (),
+    "app_mark_notifications_read": (404,),
+    "app_event_stream": (429,),
 }
 # Handlers that read an optional JSON body themselves (Litestar sees no body parameter).
 _OPTIONAL_BODIES: dict[str, type[msgspec.Struct]] = {
