@@ -6,6 +6,7 @@ does; the container tier's failover drill does it with a real standby."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from urllib.parse import urlsplit, urlunsplit
 
@@ -44,11 +45,22 @@ async def read_only(db: asyncpg.Connection, on: bool) -> None:
         "SET default_transaction_read_only = on" if on else "RESET default_transaction_read_only"
     )
     await db.execute(f'ALTER DATABASE "{name}" {action}')
-    await db.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+    pids = await db.fetch(
+        "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
         "WHERE datname = $1 AND pid <> pg_backend_pid()",
         name,
     )
+    # pg_terminate_backend only signals: wait until those sessions are really gone (the
+    # node's pool opens new ones at once; they are not waited for).
+    for _ in range(100):
+        alive = await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = any($1::int[])",
+            [r["pid"] for r in pids],
+        )
+        if alive == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the node's sessions did not end")
 
 
 async def test_the_node_finds_the_writable_host_and_carries_on_after_a_failover(
