@@ -182,6 +182,9 @@ class ClusterNetwork(ContainerNetwork):
         )
         assert result.exit_code == 0, result.output.decode()
         box = self.boxes[self.cluster]
+        # The old primary stays listed for close(); the standby is now the province's `pg`.
+        self.extra = [(label, c) for label, c in self.extra if c is not self.standby]
+        self.extra.append((f"pg-a-{box.province.short}", box.pg))
         box.pg, box.pg_port = self.standby, self.standby_port
         self.healed_at = time.monotonic()
 
