@@ -264,7 +264,8 @@ def test_a_replica_killed_mid_burst_every_grant_and_settlement_completes_once(
         complete(people, items)
         rounds.append(items)
 
-    # A round without faults: each phase of each grant timed exactly once, on one replica.
+    # A round without faults: each phase of each grant is timed exactly once in the cluster
+    # (on whichever replica handled the message), summed over the replicas' own scrapes.
     before = phase_counts(net)
     items = new_items(people, "rep4")
     fire(people, items)
