@@ -8,12 +8,14 @@
 # 2. plt-postgres:15      Debian's PostgreSQL 15 on it, honouring the official image's
 #                         POSTGRES_USER, POSTGRES_PASSWORD and POSTGRES_DB;
 # 3. plt-node:local       the node on it, installed from wheels built here on the host
-#                         (the image build reaches no package index).
+#                         (the image build reaches no package index);
+# 4. plt-balancer:local   HAProxy from Debian's packages, in front of a province's node
+#                         replicas (containers/balancer).
 #
 # Each image carries a label `plt.inputs` with a digest of what it was built from; an image
 # whose label matches is kept. Needs root (debootstrap), docker, and Debian's mirror.
 # Settings (environment): PLTC_DEBIAN_MIRROR, PLTC_DEBIAN_SUITE, PLTC_BASE_IMAGE, PLTC_PG_IMAGE,
-# PLTC_NODE_IMAGE, PLTC_PYTHON (the host Python that builds the wheels; default .venv/bin/python).
+# PLTC_NODE_IMAGE, PLTC_BALANCER_IMAGE, PLTC_PYTHON (the host Python that builds the wheels; default .venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +24,7 @@ SUITE=${PLTC_DEBIAN_SUITE:-bookworm}
 BASE_IMAGE=${PLTC_BASE_IMAGE:-plt-debian:bookworm}
 PG_IMAGE=${PLTC_PG_IMAGE:-plt-postgres:15}
 NODE_IMAGE=${PLTC_NODE_IMAGE:-plt-node:local}
+BALANCER_IMAGE=${PLTC_BALANCER_IMAGE:-plt-balancer:local}
 PYTHON=${PLTC_PYTHON:-.venv/bin/python}
 CACHE=data/containers
 PACKAGES=python3,python3-venv,ca-certificates,tzdata,procps
@@ -68,7 +71,17 @@ else
         --label "plt.inputs=$pg_inputs" -t "$PG_IMAGE" containers/postgres >/dev/null
 fi
 
-# --- 3. the node ----------------------------------------------------------------------------
+# --- 3. the balancer ------------------------------------------------------------------------
+balancer_inputs=$( (echo "$RECIPE $base_id"; cat containers/balancer/*) | digest)
+if [ "$(label_of "$BALANCER_IMAGE")" = "$balancer_inputs" ]; then
+    log "$BALANCER_IMAGE is up to date ($balancer_inputs)"
+else
+    log "docker build $BALANCER_IMAGE (apt-get over the host's network)"
+    docker build --quiet --network host --build-arg "BASE_IMAGE=$BASE_IMAGE" \
+        --label "plt.inputs=$balancer_inputs" -t "$BALANCER_IMAGE" containers/balancer >/dev/null
+fi
+
+# --- 4. the node ----------------------------------------------------------------------------
 inputs=(pyproject.toml wallet protocol nodes migrations containers/node)
 if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
     sources=$(git ls-files -co --exclude-standard "${inputs[@]}" | LC_ALL=C sort)
@@ -97,4 +110,4 @@ else
         --label "plt.inputs=$node_inputs" -t "$NODE_IMAGE" "$context" >/dev/null
     rm -rf "$context"
 fi
-log "images ready: $BASE_IMAGE $PG_IMAGE $NODE_IMAGE"
+log "images ready: $BASE_IMAGE $PG_IMAGE $BALANCER_IMAGE $NODE_IMAGE"

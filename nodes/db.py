@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 
@@ -44,6 +45,20 @@ async def _check_durability(conn: asyncpg.Connection) -> None:
 SERVER_SETTINGS: dict[str, str] = {"timezone": "UTC"}
 
 
+def connect_options(settings: Settings) -> dict[str, Any]:
+    """Arguments of every connection the node opens to its ledger (pool or single).
+
+    With several hosts in the URL, asyncpg tries them in order within the connect timeout
+    each and keeps the first that matches `target_session_attrs`: after a failover, a new
+    connection (the pool replaces each one that died with the old primary) goes to the
+    promoted standby without a restart or a new URL."""
+    return {
+        "server_settings": SERVER_SETTINGS,
+        "timeout": settings.db_connect_timeout_s,
+        "target_session_attrs": settings.db_target_session_attrs,
+    }
+
+
 async def prepare_database(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
     """The DSN to use, starting our embedded server if no URL is given and migrating the
     database. Returns the server too if this call started it (the caller stops it).
@@ -62,7 +77,7 @@ async def prepare_database(settings: Settings) -> tuple[str, EmbeddedPostgres | 
         if was_running:
             server = None  # somebody else started it; they stop it
     try:
-        conn = await asyncpg.connect(dsn, server_settings=SERVER_SETTINGS)
+        conn = await asyncpg.connect(dsn, **connect_options(settings))
         try:
             await _check_durability(conn)
             await migrate(conn)
@@ -84,8 +99,7 @@ async def open_pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
             dsn,
             min_size=settings.db_pool_min,
             max_size=settings.db_pool_max,
-            timeout=settings.db_connect_timeout_s,
-            server_settings=SERVER_SETTINGS,
+            **connect_options(settings),
         )
         try:
             yield pool

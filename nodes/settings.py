@@ -41,6 +41,11 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     # every client: with the server's host gone (killed, partitioned) a request that needs a
     # fresh connection would hang instead of answering 503 and "retry".
     db_connect_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 5.0
+    # Which server of a multi-host `DATABASE_URL` (`postgresql://u:p@pg-a:5432,pg-b:5432/db`)
+    # a connection may use; hosts are tried in order. "read-write" (the default) finds the
+    # primary, and after a failover the promoted standby: a ledger is never written through
+    # a standby. "any" takes the first host that answers (one-host URLs need nothing else).
+    db_target_session_attrs: Literal["read-write", "primary", "any"] = "read-write"
     host: str = "127.0.0.1"
     port: int = 8013
     # HTTP worker processes of `plt-node serve` (one event loop each, sharing the port). The

@@ -11,14 +11,21 @@
 
 Every wait is bounded (`PROVISION_WAIT_S`, default 120 s); on timeout the container
 exits non-zero with the reason.
+
+Replicas of one province share the node's volume (keys, pepper, directory): the first to
+start makes the keys under an exclusive lock on the volume, the others find them there and
+load them, so every replica signs as the same node.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -46,11 +53,12 @@ def main() -> int:
     wait_s = float(os.environ.get("PROVISION_WAIT_S", "120"))
     deadline = time.monotonic() + wait_s
     keys_dir = settings.plt_keys_dir
-    if (keys_dir / "keyset.json").exists():
-        keys = plt_node.NodeKeys.load(keys_dir)
-    else:
-        keys = plt_node.init_keys(keys_dir, settings.node_id, time.time_ns() // 1_000_000)
-        say(f"created keys for {keys.node_id}")
+    with volume_lock(Path(settings.data_dir)):
+        if (keys_dir / "keyset.json").exists():
+            keys = plt_node.NodeKeys.load(keys_dir)
+        else:
+            keys = plt_node.init_keys(keys_dir, settings.node_id, time.time_ns() // 1_000_000)
+            say(f"created keys for {keys.node_id}")
     exchange = os.environ.get("PROVISION_EXCHANGE_DIR", "")
     peer_nodes = [n for n in os.environ.get("PROVISION_PEER_NODES", "").split(",") if n.strip()]
     if exchange:
@@ -80,18 +88,35 @@ def main() -> int:
             time.sleep(0.5)
         peers = [Peer(node=e.node, url=e.url, root_kid=e.root_kid, root_pub=e.root_pub) for e in entries.values()]
         regions = {e.province: e.node for e in entries.values()}
-        plt_node.write_directory(settings.plt_directory_dir, peers, regions)
+        with volume_lock(Path(settings.data_dir)):
+            plt_node.write_directory(settings.plt_directory_dir, peers, regions)
         say(f"directory: {', '.join(sorted(entries)) or 'no peers'}")
     if settings.database_url:
-        asyncio.run(wait_for_database(settings.database_url, deadline))
+        asyncio.run(
+            wait_for_database(settings.database_url, settings.db_target_session_attrs, deadline)
+        )
     return 0
 
 
-async def wait_for_database(dsn: str, deadline: float) -> None:
+@contextlib.contextmanager
+def volume_lock(data_dir: Path) -> Iterator[None]:
+    """An exclusive lock shared by every replica mounting this volume (flock on a file)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with (data_dir / ".provision.lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+async def wait_for_database(dsn: str, target_session_attrs: str, deadline: float) -> None:
+    """Until a server of `dsn` the node may write to answers (a primary, not a standby)."""
     while True:
         try:
-            conn = await asyncpg.connect(dsn, timeout=5)
-        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+            conn = await asyncpg.connect(dsn, timeout=5, target_session_attrs=target_session_attrs)
+        # OSError: refused, unknown host, timed out; InternalClientError: no host is writable.
+        except (OSError, asyncpg.PostgresError, asyncpg.InternalClientError) as exc:
             if time.monotonic() > deadline:
                 raise SystemExit(f"provision: the database does not answer: {exc}") from exc
             await asyncio.sleep(1)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.containers.cluster import BALANCER_IMAGE
 from tests.containers.harness import NODE_IMAGE, PG_IMAGE, ContainerNetwork
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,7 +55,7 @@ def _unavailable() -> str | None:
             return f"containers/build-images.sh took over {BUILD_TIMEOUT_S} s"
         if result.returncode != 0:
             return f"containers/build-images.sh failed:\n{result.stderr[-2000:]}"
-    for image in (NODE_IMAGE, PG_IMAGE):
+    for image in (NODE_IMAGE, PG_IMAGE, BALANCER_IMAGE):
         try:
             client.images.get(image)
         except Exception:

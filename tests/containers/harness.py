@@ -164,6 +164,8 @@ class ContainerNetwork:
         self.client = docker.from_env()
         self._networks: list[Any] = []
         self._volumes: list[str] = []
+        # Containers beyond each province's node and database (replicas, balancers, standbys).
+        self.extra: list[tuple[str, DockerContainer]] = []
         # When the last fault was healed (monotonic): the checker's deadline counts from it.
         self.healed_at: float | None = None
 
@@ -179,44 +181,78 @@ class ContainerNetwork:
         exchange = f"{self.tag}-exchange"
         self.client.volumes.create(exchange)
         self._volumes.append(exchange)
-        peers = [p.node_id for p in self.provinces]
         for province in self.provinces:
             local = self.client.networks.create(f"{self.tag}-{province.short}", driver="bridge")
             self._networks.append(local)
-            pg = DockerContainer(PG_IMAGE).with_envs(
-                POSTGRES_USER=PG_USER, POSTGRES_PASSWORD=PG_PASSWORD, POSTGRES_DB=PG_DB
-            )
-            pg.with_name(f"{self.tag}-pg-{province.short}")
-            pg_port, node_port = _free_port(), _free_port()
-            pg.ports[f"{PG_PORT}/tcp"] = ("127.0.0.1", pg_port)  # type: ignore[assignment]
-            pg.with_kwargs(**self._on(local, "pg"))
-            node = DockerContainer(NODE_IMAGE).with_envs(
-                PLT_NODE_ID=province.node_id,
-                PLT_PROVINCE_CODE=province.code,
-                DATABASE_URL=f"postgresql://{PG_USER}:{PG_PASSWORD}@pg:{PG_PORT}/{PG_DB}",
-                PLT_PUBLIC_URL=f"http://node-{province.short}:{NODE_PORT}",
-                PLT_OPERATOR_TOKEN=OPERATOR_TOKEN,
-                PROVISION_PEER_NODES=",".join(p for p in peers if p != province.node_id),
-                **rules_env(),
-            )
-            node.with_envs(**self.node_env.get(province.node_id, {}))
-            node.with_name(f"{self.tag}-node-{province.short}")
-            node.ports[f"{NODE_PORT}/tcp"] = ("127.0.0.1", node_port)  # type: ignore[assignment]
-            node.with_volume_mapping(exchange, "/exchange", "rw")
-            node.with_kwargs(**self._on(local, "node"))
-            self.boxes[province.node_id] = Box(province, node, pg, node_port, pg_port)
+            self.boxes[province.node_id] = self._add_province(province, local, exchange)
         for box in self.boxes.values():
             box.pg.start()
         for box in self.boxes.values():
             self.wait_database(box.node_id)
+        self._before_nodes()
         for box in self.boxes.values():
-            box.node.start()
-            self._link.connect(
-                box.node.get_wrapped_container(), aliases=[f"node-{box.province.short}"]
-            )
+            self._start_node(box)
         for box in self.boxes.values():
             self.wait_ready(box.node_id)
         return self
+
+    def _add_province(self, province: Province, local: Any, exchange: str) -> Box:
+        """One province as a database and a node (not started yet)."""
+        pg, pg_port = self._database(province, local, "pg")
+        dsn = f"postgresql://{PG_USER}:{PG_PASSWORD}@pg:{PG_PORT}/{PG_DB}"
+        node, node_port = self._node(province, local, "node", dsn, exchange)
+        return Box(province, node, pg, node_port, pg_port)
+
+    def _database(
+        self, province: Province, local: Any, alias: str, **env: str
+    ) -> tuple[DockerContainer, int]:
+        """A PostgreSQL container known as `alias` on the province's network, and its port."""
+        pg = DockerContainer(PG_IMAGE).with_envs(
+            POSTGRES_USER=PG_USER, POSTGRES_PASSWORD=PG_PASSWORD, POSTGRES_DB=PG_DB, **env
+        )
+        pg.with_name(f"{self.tag}-{alias}-{province.short}")
+        port = _free_port()
+        pg.ports[f"{PG_PORT}/tcp"] = ("127.0.0.1", port)  # type: ignore[assignment]
+        pg.with_kwargs(**self._on(local, alias))
+        return pg, port
+
+    def _node(
+        self,
+        province: Province,
+        local: Any,
+        alias: str,
+        database_url: str,
+        exchange: str,
+        data_volume: str | None = None,
+    ) -> tuple[DockerContainer, int]:
+        """A node container known as `alias` on the province's network, and its port."""
+        peers = [p.node_id for p in self.provinces if p != province]
+        node = DockerContainer(NODE_IMAGE).with_envs(
+            PLT_NODE_ID=province.node_id,
+            PLT_PROVINCE_CODE=province.code,
+            DATABASE_URL=database_url,
+            PLT_PUBLIC_URL=f"http://node-{province.short}:{NODE_PORT}",
+            PLT_OPERATOR_TOKEN=OPERATOR_TOKEN,
+            PROVISION_PEER_NODES=",".join(peers),
+            **rules_env(),
+        )
+        node.with_envs(**self.node_env.get(province.node_id, {}))
+        node.with_name(f"{self.tag}-{alias}-{province.short}")
+        port = _free_port()
+        node.ports[f"{NODE_PORT}/tcp"] = ("127.0.0.1", port)  # type: ignore[assignment]
+        node.with_volume_mapping(exchange, "/exchange", "rw")
+        if data_volume is not None:
+            node.with_volume_mapping(data_volume, "/var/lib/plt", "rw")
+        node.with_kwargs(**self._on(local, alias))
+        return node, port
+
+    def _before_nodes(self) -> None:
+        """Called once every database is healthy, before any node starts (a hook)."""
+
+    def _start_node(self, box: Box) -> None:
+        """Start the province's node and put it on the link network as `node-<short>`."""
+        box.node.start()
+        self._link.connect(box.node.get_wrapped_container(), aliases=[f"node-{box.province.short}"])
 
     def _on(self, local: Any, alias: str) -> dict[str, Any]:
         """docker create arguments: on the province's network, known there as `alias`."""
@@ -232,6 +268,15 @@ class ContainerNetwork:
         """The network the nodes meet on (made first)."""
         return self._networks[0]
 
+    def _containers(self) -> list[tuple[str, DockerContainer]]:
+        """Every container made here, with a label for its log file."""
+        found = []
+        for box in self.boxes.values():
+            for kind, container in (("node", box.node), ("pg", box.pg)):
+                if isinstance(container, DockerContainer):
+                    found.append((f"{kind}-{box.province.short}", container))
+        return found + self.extra
+
     def close(self, *, keep_logs_as: str | None = None) -> None:
         """Remove every container, network and volume made here (logs are kept on disk).
 
@@ -245,16 +290,15 @@ class ContainerNetwork:
             except Exception as exc:  # cleanup goes on; the failure is reported below
                 failures.append(f"{what}: {exc}")
 
-        for box in self.boxes.values():
-            for kind, container in (("node", box.node), ("pg", box.pg)):
-                if container._container is None:  # never created
-                    continue
-                log_file = LOG_DIR / f"{keep_logs_as or self.name}-{kind}-{box.province.short}.log"
-                attempt(
-                    f"logs of {kind}-{box.province.short}",
-                    lambda c=container, f=log_file: f.write_bytes(b"".join(c.get_logs())),
-                )
-                attempt(f"removing {kind}-{box.province.short}", container.stop)
+        for label, container in self._containers():
+            if container._container is None:  # never created
+                continue
+            log_file = LOG_DIR / f"{keep_logs_as or self.name}-{label}.log"
+            attempt(
+                f"logs of {label}",
+                lambda c=container, f=log_file: f.write_bytes(b"".join(c.get_logs())),
+            )
+            attempt(f"removing {label}", container.stop)
         for network in self._networks:
             attempt(f"removing network {network.name}", network.remove)
         for volume in self._volumes:

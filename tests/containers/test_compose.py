@@ -1,9 +1,11 @@
 """docker-compose.yml itself: brought up with the machine's Compose (v2 `docker compose`, else
-Debian's docker-compose 1.29), one grant from Hebei to Shanghai over HTTP, the checker over
-the three databases, then torn down with its volumes."""
+Debian's docker-compose 1.29), Hebei as a cluster (two replicas behind HAProxy, a primary
+with a synchronous standby) beside two single-node provinces; one grant from Hebei to
+Shanghai over HTTP, the checker over the three databases, then torn down with its volumes."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -11,8 +13,10 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
+from tests.containers.cluster import BALANCER_IMAGE
 from tests.containers.conftest import ROOT, tier_required
 from tests.containers.flow import (
     accept,
@@ -61,6 +65,8 @@ class ComposeProject:
         self.env = {
             "PLTC_NODE_IMAGE": NODE_IMAGE,
             "PLTC_PG_IMAGE": PG_IMAGE,
+            "PLTC_BALANCER_IMAGE": BALANCER_IMAGE,
+            "PLTC_PG_PORT_13_STANDBY": str(_free_port()),
             "PLTC_OPERATOR_TOKEN": "op-container-token",
             "PLTC_PG_PASSWORD": "plt-container-pw",
             "PLTC_GRANT_BLACKOUT_START_HOUR": "0",
@@ -115,16 +121,21 @@ def compose(request: pytest.FixtureRequest, container_tier: None) -> Iterator[Co
 def test_compose_brings_up_three_provinces_and_a_grant_commits(compose: ComposeProject) -> None:
     # The harness's readers and the checker, on the project's published ports only.
     net = ContainerNetwork(name="compose")
+    # Hebei's node is its two replicas (OTPs are in their logs); the others are one service.
+    services = {"prov-13": ["node-13-a", "node-13-b"]}
     for province in PROVINCES:
         net.boxes[province.node_id] = Box(
             province,
-            node=_ComposeContainer(compose, f"node-{province.short}"),
+            node=_ComposeContainer(
+                compose, *services.get(province.node_id, [f"node-{province.short}"])
+            ),
             pg=_ComposeContainer(compose, f"pg-{province.short}"),
             node_port=compose.ports[province.node_id],
             pg_port=compose.pg_ports[province.node_id],
         )
     for node_id, box in net.boxes.items():
         wait_for(f"{node_id} (compose) to be ready", box.ready, START_TIMEOUT_S, every_s=1.0)
+    assert asyncio.run(standby_state(net.boxes["prov-13"].dsn)) == [("pg_13_b", "sync")]
 
     giver = enrol(net, "prov-13", 201, "张三丰")
     credit(giver, 200_000)
@@ -142,13 +153,31 @@ def test_compose_brings_up_three_provinces_and_a_grant_commits(compose: ComposeP
     net.client.close()
 
 
-class _ComposeContainer:
-    """Enough of a container for the harness's readers: the service's logs via compose."""
+async def standby_state(dsn: str) -> list[tuple[str, str]]:
+    """The standbys a primary streams to, and whether its commits wait for them."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT application_name, sync_state FROM pg_stat_replication")
+    finally:
+        await conn.close()
+    return [(r["application_name"], r["sync_state"]) for r in rows]
 
-    def __init__(self, project: ComposeProject, service: str) -> None:
+
+class _ComposeContainer:
+    """Enough of a container for the harness's readers: the services' logs via compose,
+    merged in time order (a clustered province's replicas each log their own requests)."""
+
+    def __init__(self, project: ComposeProject, *services: str) -> None:
         self.project = project
-        self.service = service
+        self.services = services
 
     def get_logs(self) -> tuple[bytes, bytes]:
-        result = self.project.run("logs", "--no-color", "--no-log-prefix", self.service)
-        return result.stdout.encode(), result.stderr.encode()
+        result = self.project.run(
+            "logs", "--no-color", "--no-log-prefix", "--timestamps", *self.services
+        )
+        stamped = sorted(
+            (line for line in result.stdout.splitlines() if line),
+            key=lambda line: line.split(" ", 1)[0],
+        )
+        merged = "\n".join(line.split(" ", 1)[-1] for line in stamped) + "\n"
+        return merged.encode(), result.stderr.encode()

@@ -16,9 +16,20 @@ import pytest
 
 from nodes.network import LocalNetwork, LocalNode
 from protocol.clock import RESOLVER_GRACE_MS
-from tests.network.grant_flow import A, B, answer, check_books, grant, linked_pair, set_clock
+from tests.network.grant_flow import (
+    A,
+    B,
+    answer,
+    check_books,
+    grant,
+    instruct,
+    linked_pair,
+    set_clock,
+    states,
+)
 from tests.network.support import client
 from tests.support import OPERATOR
+from wallet import metrics
 from wallet.clock import ManualClock
 from wallet.readiness import PROBE_TTL_MS
 
@@ -102,4 +113,37 @@ async def test_grants_in_doubt_rise_while_a_peer_is_down_and_fall_after(
     assert [(p["node"], p["reachable"], p["outbox_unsent"]) for p in back["peers"]] == [
         (A, True, 0)
     ]
+    await check_books(network)
+
+
+def phase(name: str, stat: str) -> float:
+    """A sample of this process's grant-phase histogram (both nodes run in this process)."""
+    value = metrics.REGISTRY.get_sample_value(f"plt_grant_phase_seconds_{stat}", {"phase": name})
+    return value or 0.0
+
+
+async def test_each_phase_of_a_grant_cycle_is_timed_once_at_the_giver(
+    network: LocalNetwork, net_clock: ManualClock
+) -> None:
+    pair = await linked_pair(network, seq=7)
+    before = {(p, s): phase(p, s) for p in metrics.PHASES for s in ("count", "sum")}
+    response = await instruct(pair, 30_000)
+    assert response.status_code == 202, response.text
+    tid = response.json()["transfer_id"]
+    net_clock.advance(milliseconds=1_500)  # the PREPARE waits 1.5 s in A's outbox
+    await network.run_senders()
+    assert (await answer(pair, tid)).status_code == 200
+    net_clock.advance(milliseconds=2_500)  # the ACCEPT waits 2.5 s in B's outbox
+    await network.run_senders()  # ACCEPT, DECISION and its ACK
+    await network.run_senders()  # a duplicate delivery would be observed here: none is
+    assert await states(pair, tid) == ("COMMITTED", "COMMITTED")
+    delta = {key: phase(*key) - value for key, value in before.items()}
+    assert delta == {
+        ("prepare_to_received", "count"): 1,
+        ("prepare_to_received", "sum"): 1.5,
+        ("accept_to_decision", "count"): 1,
+        ("accept_to_decision", "sum"): 2.5,
+        ("decision_to_ack", "count"): 1,
+        ("decision_to_ack", "sum"): 0.0,
+    }
     await check_books(network)

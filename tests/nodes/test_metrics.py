@@ -74,9 +74,61 @@ async def test_a_scrape_counts_requests_by_route_and_reads_the_books(
 
 def test_render_escapes_label_values() -> None:
     family = metrics.gauge("plt_x", "help", {(("peer", 'a"b\\c\nd'),): 2})
-    assert metrics.render([family]) == (
-        '# HELP plt_x help\n# TYPE plt_x gauge\nplt_x{peer="a\\"b\\\\c\\nd"} 2\n'
-    )
+    text = metrics.render([family])
+    assert text.endswith('# HELP plt_x help\n# TYPE plt_x gauge\nplt_x{peer="a\\"b\\\\c\\nd"} 2.0\n')
+
+
+async def test_requests_are_timed_by_route_and_settlements_on_their_own(
+    client: AsyncTestClient,  # type: ignore[type-arg]
+) -> None:
+    count = 'plt_http_request_duration_seconds_count{method="GET",route="/health"}'
+    slow = 'plt_http_request_duration_seconds_bucket{le="10.0",method="GET",route="/health"}'
+    settled = 'plt_settlement_duration_seconds_count{status="400"}'
+    before = parse((await client.get("/metrics", headers=OPERATOR)).text)
+    for _ in range(2):
+        assert (await client.get("/health")).status_code == 200
+    # A malformed settlement is refused, and still timed as one.
+    refused = await client.post("/institution/v1/settlements", json={})
+    assert refused.status_code == 400, refused.text
+    samples = parse((await client.get("/metrics", headers=OPERATOR)).text)
+    assert samples[count] == before.get(count, 0) + 2
+    assert samples[slow] == before.get(slow, 0) + 2
+    assert samples[settled] == before.get(settled, 0) + 1
+    assert "# TYPE plt_grant_phase_seconds histogram" in (
+        await client.get("/metrics", headers=OPERATOR)
+    ).text
+
+
+async def test_pool_usage_is_read_from_this_process_pool(
+    settings: Settings, clock: ManualClock, otp: RecordingOtpSender
+) -> None:
+    # No background workers: nothing but the scrape itself uses the pool.
+    quiet = msgspec_replace(settings, workers_enabled=False, db_pool_min=2, db_pool_max=7)
+    app = create_app(quiet, clock=clock, otp_sender=otp, scrypt_n=TEST_SCRYPT_N)
+    async with AsyncTestClient(app=app) as http:
+        samples = parse((await http.get("/metrics", headers=OPERATOR)).text)
+    assert samples["plt_db_pool_max_connections"] == 7
+    # Read before the database gauges take their connection: every open one is idle.
+    assert samples['plt_db_pool_connections{state="in_use"}'] == 0
+    assert samples['plt_db_pool_connections{state="idle"}'] >= 2
+
+
+async def test_a_registered_database_gauge_is_read_at_every_scrape(
+    client: AsyncTestClient,  # type: ignore[type-arg]
+) -> None:
+    async def wallets(scrape: metrics.ScrapeContext) -> list[metrics.Family]:
+        n = await scrape.conn.fetchval("SELECT count(*) FROM account")
+        return [metrics.gauge("plt_test_accounts", "Accounts (test).", {(): n})]
+
+    metrics.register_database_gauges(wallets)
+    try:
+        first = parse((await client.get("/metrics", headers=OPERATOR)).text)
+        second = parse((await client.get("/metrics", headers=OPERATOR)).text)
+    finally:
+        metrics.DATABASE_GAUGES.remove(wallets)
+    assert first["plt_test_accounts"] == second["plt_test_accounts"] >= 0
+    third = (await client.get("/metrics", headers=OPERATOR)).text
+    assert "plt_test_accounts" not in third
 
 
 async def test_worker_passes_are_counted_by_outcome(settings: Settings) -> None:

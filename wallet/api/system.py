@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hmac
+import time
 from typing import Any
 
 import msgspec
@@ -92,18 +93,19 @@ class SystemController(Controller):
             )
         ctx = context_of(request)
         peers = ctx.plt.directory.nodes if ctx.plt is not None else []
-        families = [*metrics.COUNTERS.families(), *await metrics.database_gauges(ctx, peers)]
+        families = [*metrics.pool_gauges(ctx.pool), *await metrics.database_gauges(ctx, peers)]
         return Response(metrics.render(families), media_type=metrics.MEDIA_TYPE)
 
 
 def metrics_middleware(app: ASGIApp) -> ASGIApp:
-    """Count every routed HTTP request by route template, method and status."""
+    """Count every routed HTTP request by route template, method and status, and time it."""
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != ScopeType.HTTP:
             await app(scope, receive, send)
             return
         status = [500]
+        started = time.perf_counter()
 
         async def send_and_see(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -113,11 +115,11 @@ def metrics_middleware(app: ASGIApp) -> ASGIApp:
         try:
             await app(scope, receive, send_and_see)
         finally:
-            metrics.COUNTERS.inc(
-                metrics.HTTP_REQUESTS,
+            metrics.observe_request(
                 route=str(scope.get("path_template") or "unmatched"),
                 method=str(scope.get("method", "")),
-                status=str(status[0]),
+                status=status[0],
+                seconds=time.perf_counter() - started,
             )
 
     return middleware

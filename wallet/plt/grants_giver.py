@@ -76,7 +76,7 @@ from protocol.messages import (
     UserAuth,
     encode_body,
 )
-from wallet import devices, ledger
+from wallet import devices, ledger, metrics
 from wallet.context import WalletContext
 from wallet.devices import DeviceSignature
 from wallet.errors import ErrorCode as WalletCode
@@ -732,6 +732,7 @@ async def on_receiver_message(ctx: WalletContext, msg: Incoming) -> Body | None:
         event = giver.MessageArrived(body=body, body_hash=msg.body_hash, now_ms=to_ms(now))
         new, effects = giver.step(old, event)
         reply = await _apply(ctx, conn, row, old, new, effects, now, subject=tid)
+    metrics.observe_grant_phases(row, old, new, body, now)
     if new is not None and old is not None and new.state != old.state:
         log.info("grant_decided", transfer_id=tid, state=new.state.value, by=msg.typ.value)
     return None if msg.is_reply else reply
