@@ -241,8 +241,8 @@ async def test_a_push_is_given_up_after_its_attempts_and_counted_in_the_metrics(
     }
     scraped = await client.get("/metrics", headers=OPERATOR)
     assert scraped.status_code == 200
-    assert "\nplt_push_failed 1\n" in scraped.text
-    assert "\nplt_push_backlog 0\n" in scraped.text
+    assert "\nplt_push_failed 1.0\n" in scraped.text  # prometheus_client writes floats
+    assert "\nplt_push_backlog 0.0\n" in scraped.text
 
 
 async def _gauges(ctx: WalletContext) -> dict[str, float]:
