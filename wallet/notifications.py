@@ -26,6 +26,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from wallet.context import WalletContext
 from wallet.errors import ErrorCode, WalletError
 
 CHANNEL = "wallet_notification"
@@ -163,6 +164,42 @@ async def record(conn: asyncpg.Connection, notice: Notice, now: dt.datetime) -> 
     """Write one notice in the caller's transaction; its id, or None if already recorded."""
     ids = await record_many(conn, [notice], now)
     return ids[0] if ids else None
+
+
+# --- retention -------------------------------------------------------------------------------
+
+PURGE_BATCH = 5000
+PURGE_INTERVAL_S = 600.0
+# Notifications are deleted from the old end of the primary key: ids follow the insert order
+# (and so `created_at`, up to a transaction's length), so the oldest rows whose push is done
+# are the first ids that are not pending. A pass reads the batch it deletes, the few pushes
+# still pending among the oldest rows (never deleted before they are sent or given up), and
+# at most one batch of rows not old enough yet (the last pass of a backlog); an idle pass
+# reads one row (`_OLDEST_DONE`). SKIP LOCKED: replicas purging at once take disjoint rows,
+# and a row someone holds (a push claim, a mark-read) is left for the next pass.
+_OLDEST_DONE = """
+SELECT created_at FROM notification WHERE push_state <> 'pending' ORDER BY id LIMIT 1
+"""
+_PURGE = """
+DELETE FROM notification WHERE id IN (
+    SELECT id FROM notification
+    WHERE id IN (SELECT id FROM notification WHERE push_state <> 'pending' ORDER BY id LIMIT $2)
+      AND created_at < $1
+    FOR UPDATE SKIP LOCKED)
+"""
+
+
+async def purge_expired(ctx: WalletContext, limit: int = PURGE_BATCH) -> int:
+    """Delete up to `limit` notifications older than the retention
+    (`notification_retention_days`) whose push was sent or given up; return how many. A
+    worker pass: it runs again at once while it finds work."""
+    cutoff = ctx.clock.now() - dt.timedelta(days=ctx.notifications.notification_retention_days)
+    async with ctx.pool.acquire() as conn:
+        oldest: dt.datetime | None = await conn.fetchval(_OLDEST_DONE)
+        if oldest is None or oldest >= cutoff:
+            return 0
+        status: str = await conn.execute(_PURGE, cutoff, limit)
+    return int(status.split()[-1])
 
 
 # --- reading ---------------------------------------------------------------------------------
