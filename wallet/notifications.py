@@ -50,6 +50,8 @@ class Kind(StrEnum):
     RELATIONSHIP_REQUESTED = "relationship.requested"
     RELATIONSHIP_CONFIRMED = "relationship.confirmed"
     RELATIONSHIP_DECLINED = "relationship.declined"
+    RELATIONSHIP_APPROVED = "relationship.approved"  # both: an operator's review let it in
+    RELATIONSHIP_REJECTED = "relationship.rejected"  # both: an operator's review refused it
     RELATIONSHIP_ENDED = "relationship.ended"
     RELATIONSHIP_ENDED_AUTOMATICALLY = "relationship.ended_automatically"
     SHARED_MONEY_SPENT = "shared_money.spent"  # giver: a relative spent my money
