@@ -69,6 +69,12 @@ FROM grant_out g
 LEFT JOIN cross_relationship c ON c.side = 'giver' AND c.relation_id = g.relation_id
 WHERE g.transfer_id = $1
 """
+# B: the outbox row of a notice A refused, by the body hash its ERROR names.
+_OUTBOX_OF_HASH = """
+SELECT dedup_key FROM plt_outbox
+WHERE to_node = $1 AND typ = 'QUOTA_USED' AND done_at IS NULL
+  AND encode(sha256(body), 'hex') = $2
+"""
 
 
 # --- B: queue the notices ----------------------------------------------------------------------
@@ -120,9 +126,7 @@ async def on_quota_used(ctx: WalletContext, msg: Incoming) -> Body | None:
     notice = msg.body
     assert isinstance(notice, QuotaUsed)
     async with ctx.pool.acquire() as conn, conn.transaction():
-        grant = await conn.fetchrow(_GRANT, notice.transfer_id)
-        _check_grant(grant, msg.from_node, notice)
-        assert grant is not None
+        grant = _checked(await conn.fetchrow(_GRANT, notice.transfer_id), msg.from_node, notice)
         await record_many(conn, [_giver_notice(msg.from_node, notice, grant)], ctx.clock.now())
     log.info(
         "quota_used_notified",
@@ -133,9 +137,10 @@ async def on_quota_used(ctx: WalletContext, msg: Incoming) -> Body | None:
     return NoticeAck(notice_id=notice.notice_id, transfer_id=notice.transfer_id)
 
 
-def _check_grant(grant: asyncpg.Record | None, peer: str, notice: QuotaUsed) -> None:
-    """A notice must name a grant we committed to the sender, under that relationship, and
-    stay within the grant (a permanent refusal otherwise: sending it again cannot help)."""
+def _checked(grant: asyncpg.Record | None, peer: str, notice: QuotaUsed) -> asyncpg.Record:
+    """The grant a notice names, which must be one we committed to the sender, under that
+    relationship, with the notice within it (a permanent refusal otherwise: sending it again
+    cannot help)."""
     if grant is None or grant["to_node"] != peer:
         raise UnknownTransfer(f"no grant {notice.transfer_id} to {peer}")
     if grant["state"] != "COMMITTED" or grant["relation_id"] != notice.relation_id:
@@ -144,9 +149,12 @@ def _check_grant(grant: asyncpg.Record | None, peer: str, notice: QuotaUsed) -> 
         )
     if max(notice.amount_fen, notice.used_total_fen) > grant["amount_fen"]:
         raise ValidationFailed(f"notice exceeds the {grant['amount_fen']} fen granted")
+    return grant
 
 
 def _giver_notice(peer: str, notice: QuotaUsed, grant: asyncpg.Record) -> Notice:
+    """What the giver's app shows: the relative (masked, as A knows them), the amount, the
+    category, the grant and B's references; keyed by the notice id (once per notice)."""
     refs = {
         "transfer_id": notice.transfer_id,
         "relation_id": notice.relation_id,
@@ -201,14 +209,6 @@ async def _notice_refused(ctx: WalletContext, msg: Incoming, error: ErrorReply) 
         row = await conn.fetchrow(_OUTBOX_OF_HASH, msg.from_node, error.ref_hash)
     if row is not None:
         await _stop(ctx, msg.from_node, row["dedup_key"])
-
-
-# The refused notice's outbox row, by the body hash the ERROR names.
-_OUTBOX_OF_HASH = """
-SELECT dedup_key FROM plt_outbox
-WHERE to_node = $1 AND typ = 'QUOTA_USED' AND done_at IS NULL
-  AND encode(sha256(body), 'hex') = $2
-"""
 
 
 async def _stop(ctx: WalletContext, peer: str, notice_id: str) -> None:
