@@ -225,7 +225,11 @@ _MARK_ALL_READ = """
 UPDATE notification SET read_at = $3 WHERE person_id = $1 AND id <= $2 AND read_at IS NULL
 """
 _OWNERS = "SELECT id FROM notification WHERE person_id = $1 AND id = ANY($2::bigint[])"
-_NEWEST = "SELECT coalesce(max(id), 0) FROM notification"
+# The last id drawn, from the identity's sequence rather than the rows: the retention purge
+# may have deleted the newest rows of a quiet node, and their ids were issued all the same.
+_NEWEST = """
+SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('notification', 'id')::regclass), 0)
+"""
 _NEWEST_OF = "SELECT coalesce(max(id), 0) FROM notification WHERE person_id = $1"
 ID_MAX = 2**63 - 1
 
@@ -274,8 +278,8 @@ async def after(
 
 
 async def newest_id(pool: asyncpg.Pool) -> int:
-    """The highest notification id of this node (0 if none): a `Last-Event-ID` above it was
-    never issued here."""
+    """The highest notification id this node ever drew (0 if none): a `Last-Event-ID` above
+    it was never issued here."""
     newest: int = await pool.fetchval(_NEWEST)
     return newest
 

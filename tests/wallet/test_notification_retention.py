@@ -73,6 +73,9 @@ async def test_old_pushed_notifications_are_purged_in_bounded_passes(
             ctx.notifications, notification_retention_days=1
         )
         assert await notifications.purge_expired(ctx) == 1
+        # The newest row is gone, but its id was issued: a stream may still resume after it.
+        issued = await db.fetchval("SELECT id FROM notification ORDER BY id DESC LIMIT 1")
+        assert await notifications.newest_id(ctx.pool) == issued + 1
     assert await _keys(db) == before | {"old:5"}
 
 
