@@ -193,6 +193,9 @@ async def test_forged_notices_are_refused_for_good_and_write_nothing(
     pair, tid, _ = await funded(network)
     declined = await grant(pair, 5_000)
     assert (await answer(pair, declined, "decline")).status_code == 200
+    other = await linked_pair(network, seq=1)  # another giver and receiver, same two nodes
+    others = await grant(other, 50_000)
+    assert (await answer(other, others)).status_code == 200
     await network.run_senders()
     before = await rows(pair.a, SHARED)
     good = QuotaUsed(
@@ -211,6 +214,8 @@ async def test_forged_notices_are_refused_for_good_and_write_nothing(
         (replace(good, transfer_id=uuid7(now_ms(pair.b))), 3208, "no grant"),
         (replace(good, relation_id=uuid7(now_ms(pair.b))), 3100, "not a committed grant"),
         (replace(good, transfer_id=declined), 3100, "not a committed grant"),
+        # another receiver's grant, under our pair's relationship
+        (replace(good, transfer_id=others), 3100, "not a committed grant"),
         (replace(good, amount_fen=100_001), 3100, "exceeds the 100000 fen granted"),
         (replace(good, used_total_fen=100_001), 3100, "exceeds the 100000 fen granted"),
     ]
