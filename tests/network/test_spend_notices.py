@@ -15,10 +15,11 @@ from nodes.network import LocalNetwork, LocalNode
 from protocol.envelope import Envelope
 from protocol.ids import uuid7
 from protocol.messages import MessageType, NoticeAck, QuotaUsed, decode_body, encode_body
+from tests.network.events import EventStream
 from tests.network.grant_flow import Pair, answer, check_books, grant, linked_pair
 from tests.network.support import app_post, client, now_ms, post_batch, rows, seal_from
 from tests.network.test_grants import pharmacy_key
-from tests.network.test_notifications import listed
+from tests.network.test_notifications import listed, workers_running
 from tests.network.test_transport import error_of, replies
 from wallet.plt import outbox
 
@@ -241,4 +242,17 @@ async def test_forged_notices_are_refused_for_good_and_write_nothing(
     assert row["done"] is True
     assert row["last_error"].startswith("peer refused: 3208 F")
     assert await rows(pair.a, SHARED) == before
+    await check_books(network)
+
+
+async def test_with_the_workers_running_the_givers_phone_shows_the_spending_live(
+    network: LocalNetwork,
+) -> None:
+    pair, tid, key = await funded(network)
+    async with workers_running(network), EventStream(pair.giver) as giver_phone:
+        await pay(pair, key, 8_850, "rx-live")  # the sender wakes when the payment commits
+        spent = await giver_phone.next(timeout_s=10)
+    assert (spent.kind, spent.data["amount_fen"]) == ("shared_money.spent", 8_850)
+    assert spent.data["refs"]["transfer_id"] == tid
+    assert spent.data["detail"]["category"] == "pharmacy_drug"
     await check_books(network)
