@@ -88,6 +88,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     push_backoff_s_max: Annotated[float, msgspec.Meta(gt=0)] = 600.0
     sse_streams_per_session: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
     sse_heartbeat_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 15.0
+    notification_retention_days: Annotated[int, msgspec.Meta(ge=1, le=36_500)] = 400
 
     @property
     def embedded_data_dir(self) -> Path:
@@ -135,6 +136,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
             push_backoff_s_max=self.push_backoff_s_max,
             sse_streams_per_session=self.sse_streams_per_session,
             sse_heartbeat_s=self.sse_heartbeat_s,
+            notification_retention_days=self.notification_retention_days,
         )
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from wallet import metrics, push, settlement
+from wallet import metrics, notifications, push, settlement
 from wallet.context import WalletContext
 from wallet.plt import clearing, grants, statements, transport, wakeup
 
@@ -96,6 +96,13 @@ register_worker(
 )
 # Notifications: push each one to the province's push service (in-province too).
 register_worker("notifications-push", push.run_once, interval_s=push.IDLE_S, needs_plt=False)
+# Notifications: delete those past the retention (once pushed or given up).
+register_worker(
+    "notifications-purge",
+    notifications.purge_expired,
+    interval_s=notifications.PURGE_INTERVAL_S,
+    needs_plt=False,
+)
 _RECON_HANDLERS = (clearing.on_usage, clearing.on_recon_reply)  # USAGE, RECON_REPLY
 
 

@@ -87,6 +87,8 @@ class MessageType(StrEnum):
     STATEMENT_DETAIL = "STATEMENT_DETAIL"
     USAGE = "USAGE"
     RECON_REPLY = "RECON_REPLY"
+    QUOTA_USED = "QUOTA_USED"
+    NOTICE_ACK = "NOTICE_ACK"
 
 
 class RelationType(StrEnum):
@@ -524,6 +526,40 @@ class ReconReply(Body, frozen=True, kw_only=True):
     replied_at_ms: TimeMs
 
 
+class QuotaUsed(Body, frozen=True, kw_only=True):
+    """B→A, informational: the receiver spent part of A's grant (`spent`), or an institution
+    refunded such a payment to the quota (`refunded`). One per grant a settlement or refund
+    drew on, sent in that settlement's or refund's own transaction, so A's app can tell the
+    giver at once. It never moves money: the monthly USAGE stays the source of truth.
+
+    `settlement_ref` is B's id of the settlement, `refund_ref` B's id of the refund (only for
+    `refunded`); `category` the settlement's category; `used_total_fen` what the receiver has
+    used of the grant so far, net of refunds, this event included.
+    """
+
+    notice_id: Uuid7
+    transfer_id: Uuid7
+    relation_id: Uuid7
+    kind: Literal["spent", "refunded"]
+    settlement_ref: Ref
+    refund_ref: Ref | None
+    amount_fen: PositiveFen
+    category: Annotated[str, msgspec.Meta(pattern=r"^[a-z_]{1,32}$")]
+    used_total_fen: Fen
+    at_ms: TimeMs
+
+    def __post_init__(self) -> None:
+        if (self.kind == "refunded") != (self.refund_ref is not None):
+            raise ValueError("refund_ref is given exactly for a refund")
+
+
+class NoticeAck(Body, frozen=True, kw_only=True):
+    """A→B, the signed reply to QUOTA_USED: the giver was told (or had been already)."""
+
+    notice_id: Uuid7
+    transfer_id: Uuid7
+
+
 # --- registry and helpers ------------------------------------------------------------------
 
 BODY_TYPES: dict[MessageType, type[Body]] = {
@@ -548,6 +584,8 @@ BODY_TYPES: dict[MessageType, type[Body]] = {
     MessageType.STATEMENT_DETAIL: StatementDetail,
     MessageType.USAGE: Usage,
     MessageType.RECON_REPLY: ReconReply,
+    MessageType.QUOTA_USED: QuotaUsed,
+    MessageType.NOTICE_ACK: NoticeAck,
 }
 _TYP_OF: dict[type[Body], MessageType] = {cls: typ for typ, cls in BODY_TYPES.items()}
 _DECODERS = {typ: msgspec.msgpack.Decoder(cls) for typ, cls in BODY_TYPES.items()}

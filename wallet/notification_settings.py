@@ -29,3 +29,6 @@ class NotificationSettings(msgspec.Struct, frozen=True, kw_only=True):
     # A comment line this often on a quiet stream, so proxies keep it open and the app
     # notices a dead connection.
     sse_heartbeat_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 15.0
+    # Notifications older than this are deleted (once pushed or given up): the list and a
+    # resumed stream reach back this far.
+    notification_retention_days: Annotated[int, msgspec.Meta(ge=1, le=36_500)] = 400

@@ -26,6 +26,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from wallet.context import WalletContext
 from wallet.errors import ErrorCode, WalletError
 
 CHANNEL = "wallet_notification"
@@ -49,6 +50,8 @@ class Kind(StrEnum):
     RELATIONSHIP_REQUESTED = "relationship.requested"
     RELATIONSHIP_CONFIRMED = "relationship.confirmed"
     RELATIONSHIP_DECLINED = "relationship.declined"
+    RELATIONSHIP_APPROVED = "relationship.approved"  # both: an operator's review let it in
+    RELATIONSHIP_REJECTED = "relationship.rejected"  # both: an operator's review refused it
     RELATIONSHIP_ENDED = "relationship.ended"
     RELATIONSHIP_ENDED_AUTOMATICALLY = "relationship.ended_automatically"
     SHARED_MONEY_SPENT = "shared_money.spent"  # giver: a relative spent my money
@@ -165,6 +168,42 @@ async def record(conn: asyncpg.Connection, notice: Notice, now: dt.datetime) -> 
     return ids[0] if ids else None
 
 
+# --- retention -------------------------------------------------------------------------------
+
+PURGE_BATCH = 5000
+PURGE_INTERVAL_S = 600.0
+# Notifications are deleted from the old end of the primary key: ids follow the insert order
+# (and so `created_at`, up to a transaction's length), so the oldest rows whose push is done
+# are the first ids that are not pending. A pass reads the batch it deletes, the few pushes
+# still pending among the oldest rows (never deleted before they are sent or given up), and
+# at most one batch of rows not old enough yet (the last pass of a backlog); an idle pass
+# reads one row (`_OLDEST_DONE`). SKIP LOCKED: replicas purging at once take disjoint rows,
+# and a row someone holds (a push claim, a mark-read) is left for the next pass.
+_OLDEST_DONE = """
+SELECT created_at FROM notification WHERE push_state <> 'pending' ORDER BY id LIMIT 1
+"""
+_PURGE = """
+DELETE FROM notification WHERE id IN (
+    SELECT id FROM notification
+    WHERE id IN (SELECT id FROM notification WHERE push_state <> 'pending' ORDER BY id LIMIT $2)
+      AND created_at < $1
+    FOR UPDATE SKIP LOCKED)
+"""
+
+
+async def purge_expired(ctx: WalletContext, limit: int = PURGE_BATCH) -> int:
+    """Delete up to `limit` notifications older than the retention
+    (`notification_retention_days`) whose push was sent or given up; return how many. A
+    worker pass: it runs again at once while it finds work."""
+    cutoff = ctx.clock.now() - dt.timedelta(days=ctx.notifications.notification_retention_days)
+    async with ctx.pool.acquire() as conn:
+        oldest: dt.datetime | None = await conn.fetchval(_OLDEST_DONE)
+        if oldest is None or oldest >= cutoff:
+            return 0
+        status: str = await conn.execute(_PURGE, cutoff, limit)
+    return int(status.split()[-1])
+
+
 # --- reading ---------------------------------------------------------------------------------
 
 COLUMNS = """
@@ -186,7 +225,11 @@ _MARK_ALL_READ = """
 UPDATE notification SET read_at = $3 WHERE person_id = $1 AND id <= $2 AND read_at IS NULL
 """
 _OWNERS = "SELECT id FROM notification WHERE person_id = $1 AND id = ANY($2::bigint[])"
-_NEWEST = "SELECT coalesce(max(id), 0) FROM notification"
+# The last id drawn, from the identity's sequence rather than the rows: the retention purge
+# may have deleted the newest rows of a quiet node, and their ids were issued all the same.
+_NEWEST = """
+SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('notification', 'id')::regclass), 0)
+"""
 _NEWEST_OF = "SELECT coalesce(max(id), 0) FROM notification WHERE person_id = $1"
 ID_MAX = 2**63 - 1
 
@@ -235,8 +278,8 @@ async def after(
 
 
 async def newest_id(pool: asyncpg.Pool) -> int:
-    """The highest notification id of this node (0 if none): a `Last-Event-ID` above it was
-    never issued here."""
+    """The highest notification id this node ever drew (0 if none): a `Last-Event-ID` above
+    it was never issued here."""
     newest: int = await pool.fetchval(_NEWEST)
     return newest
 

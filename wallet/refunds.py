@@ -21,7 +21,7 @@ from wallet import audit, notices
 from wallet.context import WalletContext
 from wallet.errors import ErrorCode, WalletError
 from wallet.ledger import lock_accounts, transfer
-from wallet.plt import quota
+from wallet.plt import quota, spend_notices
 from wallet.privacy import mask_name
 from wallet.settlement import (
     SettlingInstitution,
@@ -253,6 +253,10 @@ async def _refund_new(
         )
         refunded = [(s.seq, take) for s, take in plan]
         await notices.shared_money_refunded(conn, settlement_id, refund_id, refunded, now)
+        drawn = [(s.account_id, fen) for s, fen in plan]  # the quotas among them: QUOTA_USED
+        await spend_notices.quotas_drawn(
+            conn, "refunded", drawn, now, settlement_id=settlement_id, refund_id=refund_id
+        )
         return await _refund_view(conn, refund_id)
 
 

@@ -493,7 +493,7 @@ async def review(
     ctx: WalletContext, relationship_id: int, *, approve: bool, actor: str
 ) -> RelationshipView:
     """An operator approves (-> active) or rejects (-> rejected) a relationship under review;
-    the decision and its audit record commit together."""
+    the decision, its audit record and both parties' notifications commit together."""
     now = ctx.clock.now()
     async with ctx.pool.acquire() as conn, conn.transaction():
         done = _approved if approve else _in_state(RelationshipState.REJECTED)
@@ -501,6 +501,8 @@ async def review(
         if await _guarded(conn, _REVIEW, args, _STATE, None, done=done):
             action = "relationship.approve" if approve else "relationship.reject"
             await _audit(conn, now, actor, action, relationship_id)
+            kind = Kind.RELATIONSHIP_APPROVED if approve else Kind.RELATIONSHIP_REJECTED
+            await notices.relationships_changed(conn, [relationship_id], kind, "both", now)
         return await _view(conn, ctx, relationship_id, None)
 
 

@@ -50,7 +50,7 @@ from wallet.credentials import digest, new_numeric_code
 from wallet.errors import ErrorCode, WalletError
 from wallet.institutions import INSTITUTION_SLOTS, account_code
 from wallet.ledger import MAX_AMOUNT_FEN
-from wallet.plt import quota
+from wallet.plt import quota, spend_notices
 from wallet.privacy import mask_name
 from wallet.rules import FORBIDDEN_CATEGORIES, DeductionStrategy, ProvinceRules, SettlementCategory
 
@@ -461,6 +461,9 @@ async def _settle_new(
             payee_account_id=patient["payee"],
         )
         await notices.shared_money_spent(conn, settlement_id, now)
+        # Cross-province givers hear from their own node (QUOTA_USED, one per quota drawn on).
+        drawn = [(c.account_id, fen) for c, fen in plan if c.source == "quota"]
+        await spend_notices.quotas_drawn(conn, "spent", drawn, now, settlement_id=settlement_id)
         if any(c.source == "quota" for c, _ in plan):
             # A quota's giver is named by the quota row: read the view as a replay would.
             view = await _settlement_view(conn, settlement_id)

@@ -12,12 +12,14 @@ from litestar.testing import AsyncTestClient
 
 from tests.support import OPERATOR, PASSWORD, person
 from tests.wallet.service_context import wallet_context
+from tests.wallet.test_relationships import confirm, filed
 from tests.wallet.test_settlement import (
     Member,
     end_relationship,
     institution,
     member,
     pay,
+    set_rules,
     share,
 )
 from wallet import notifications
@@ -165,6 +167,43 @@ async def test_a_declined_relationship_tells_the_giver(
     )
     assert declined.status_code == 200, declined.text
     assert kinds(await listed(client, giver)) == ["relationship.declined"]
+
+
+async def test_an_operators_approval_tells_both_parties_once(
+    client: Client, otp: RecordingOtpSender
+) -> None:
+    await reviewed_tells_both(client, otp, "approve", "relationship.approved", "active")
+
+
+async def test_an_operators_rejection_tells_both_parties_once(
+    client: Client, otp: RecordingOtpSender
+) -> None:
+    await reviewed_tells_both(client, otp, "reject", "relationship.rejected", "rejected")
+
+
+async def reviewed_tells_both(
+    client: Client, otp: RecordingOtpSender, verb: str, kind: str, state: str
+) -> None:
+    """A relationship under review is approved or rejected (twice: a replay) by an operator:
+    each party is told once, with the other's masked name."""
+    set_rules(client, relationship_review_required=True)
+    giver = await member(client, otp, 1, "张三丰")
+    receiver = await member(client, otp, 2, "李小龙")
+    relationship_id = await filed(client, giver, receiver)
+    await confirm(client, receiver, relationship_id)
+    for _ in range(2):  # the same review again is a replay: nobody is told twice
+        reviewed = await client.post(
+            f"/operator/v1/relationships/{relationship_id}/{verb}", headers=OPERATOR
+        )
+        assert (reviewed.status_code, reviewed.json()["state"]) == (200, state)
+    giver_page, receiver_page = await listed(client, giver), await listed(client, receiver)
+    assert kinds(giver_page) == [kind, "relationship.confirmed"]
+    assert kinds(receiver_page) == [kind, "relationship.requested"]
+    for page, side, other in ((giver_page, "giver", "李**"), (receiver_page, "receiver", "张**")):
+        told = page["items"][0]
+        assert told["counterpart_name_masked"] == other
+        assert told["refs"] == {"relationship_id": str(relationship_id)}
+        assert told["detail"] == {"relation_type": "child", "as": side, "state": state}
 
 
 async def test_shared_money_spent_and_refunded_tell_the_giver_who_how_much_and_what(
