@@ -32,13 +32,16 @@ the row and calls the handler registered with `on_error_reply` for the original 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import datetime as dt
 import random
 import weakref
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any, cast
 
 import asyncpg
 import httpx
@@ -482,8 +485,8 @@ async def _handle_replies(
         handled.append((row, incoming))
     # Evidence first: the envelopes are on record before any feature acts on them.
     await log_messages(ctx.pool, logged, now)
-    await in_order_per_key(
-        [(row.dedup_key, partial(_hand_over, ctx, row, incoming)) for row, incoming in handled]
+    await apply_in_one_transaction(
+        ctx, [_reply_step(ctx, row, incoming) for row, incoming in handled]
     )
 
 
@@ -514,6 +517,116 @@ async def in_order_per_key(
     await asyncio.gather(*(run(group) for group in groups.values()))
 
 
+# --- a batch of messages in one transaction ------------------------------------------------------
+
+
+class OneConnection:
+    """What a batch's handlers see as `ctx.pool`: every use goes to the batch's connection.
+
+    `acquire()` yields that connection, so a handler's own `conn.transaction()` opens a
+    savepoint inside the batch's transaction, and its statements commit with its
+    neighbours' in the batch's one commit. Every other pool method (fetch, execute, ...)
+    runs on the connection too."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
+        """The batch's connection (never released here: the batch owns it)."""
+        yield self._conn
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+@dataclass(frozen=True)
+class Apply:
+    """One message's application, for `apply_in_one_transaction`."""
+
+    key: str | None  # what it is about (transfer, relation or release id): kept in order
+    # With the batch's context (its pool is the batch's connection); raises on any failure.
+    # None: this message is only ever applied alone.
+    together: Callable[[WalletContext], Awaitable[None]] | None
+    alone: Callable[[], Awaitable[None]]  # in its own transactions, as before; never raises
+
+
+async def apply_in_one_transaction(
+    ctx: WalletContext, steps: Sequence[Apply], parallel: int = APPLY_IN_PARALLEL
+) -> None:
+    """Apply a batch's messages in one transaction with one commit, each in a savepoint.
+
+    A message whose handler raises is rolled back to its savepoint (its neighbours keep
+    their work) and applied again alone after the commit, by `in_order_per_key`, exactly as
+    without batching: its error answer comes from the same code as ever. So do the later
+    messages about the same thing, which keeps their order. If the batch cannot commit,
+    every message is applied alone (handlers are idempotent, so a commit that did happen
+    before the connection broke is only repeated)."""
+    left = list(steps) if len(steps) < 2 else await _together(ctx, steps)
+    await in_order_per_key([(step.key, step.alone) for step in left], parallel)
+
+
+# A batch's transaction holds its locks (a grant row, the funding account) until its one
+# commit; a message that would wait longer than this for a lock gives up in the batch and is
+# applied alone after the commit. A lock cycle with a single-message transaction (the same
+# DECISION arriving as a request and as a reply) is broken at once, not after PostgreSQL's
+# one-second deadlock check.
+BATCH_LOCK_TIMEOUT_MS = 50
+_LOCK_TIMEOUT = f"SET LOCAL lock_timeout = {BATCH_LOCK_TIMEOUT_MS}"
+_SAVEPOINT = "SAVEPOINT plt_message"
+_RELEASE = "RELEASE SAVEPOINT plt_message"
+_ROLLBACK_TO = "ROLLBACK TO SAVEPOINT plt_message"
+
+
+async def _together(ctx: WalletContext, steps: Sequence[Apply]) -> list[Apply]:
+    """Run `steps` in one transaction; return those to apply alone afterwards.
+
+    Steps go in the order of their keys (stable: one key's steps keep their batch order), so
+    two batches lock the rows of the things they share in the same order."""
+    left: list[Apply] = []
+    failed_keys: set[str | None] = set()
+    try:
+        async with ctx.pool.acquire() as conn, conn.transaction():
+            await conn.execute(_LOCK_TIMEOUT)
+            shared = dataclasses.replace(ctx, pool=cast(asyncpg.Pool, OneConnection(conn)))
+            for step in sorted(steps, key=lambda s: s.key or ""):
+                if step.together is None or step.key in failed_keys:
+                    failed_keys.add(step.key)
+                    left.append(step)
+                    continue
+                # Our own savepoint, released explicitly: a handler that swallowed a
+                # database error cannot leave the batch's transaction aborted (the RELEASE
+                # fails, and the step is rolled back like one that raised).
+                await conn.execute(_SAVEPOINT)
+                try:
+                    await step.together(shared)
+                    await conn.execute(_RELEASE)
+                except Exception as exc:
+                    await conn.execute(_ROLLBACK_TO)
+                    log.info("plt_apply_alone", key=step.key, error=repr(exc))
+                    failed_keys.add(step.key)
+                    left.append(step)
+    except Exception as exc:  # no connection, lost connection, failed commit
+        log.warning("plt_batch_not_committed", messages=len(steps), error=repr(exc))
+        return list(steps)
+    return left
+
+
+def _reply_step(ctx: WalletContext, row: _Row, incoming: Incoming) -> Apply:
+    """A reply as a step of its batch's transaction (ERROR replies are handled alone)."""
+    together = (
+        None if isinstance(incoming.body, ErrorReply) else partial(_apply_reply, row, incoming)
+    )
+    return Apply(row.dedup_key, together, partial(_hand_over, ctx, row, incoming))
+
+
+async def _apply_reply(row: _Row, incoming: Incoming, ctx: WalletContext) -> None:
+    """Hand a (non-ERROR) reply to its feature; close the row if the reply is final."""
+    await dispatch(ctx, incoming)
+    if MessageType(row.typ) in DONE_ON_REPLY:
+        await ctx.pool.execute(_DONE, row.id, ctx.clock.now())
+
+
 async def _hand_over(ctx: WalletContext, row: _Row, incoming: Incoming) -> None:
     body = incoming.body
     if isinstance(body, ErrorReply):
@@ -538,9 +651,7 @@ async def _hand_over(ctx: WalletContext, row: _Row, incoming: Incoming) -> None:
                 log.error("plt_error_handler_failed", typ=row.typ, error=repr(exc), exc_info=exc)
         return
     try:
-        await dispatch(ctx, incoming)
-        if MessageType(row.typ) in DONE_ON_REPLY:
-            await ctx.pool.execute(_DONE, row.id, ctx.clock.now())
+        await _apply_reply(row, incoming, ctx)
     except NoHandler:
         row.error = f"no handler for reply {incoming.typ}"
         log.error("plt_reply_unhandled", typ=str(incoming.typ), peer=incoming.from_node)
