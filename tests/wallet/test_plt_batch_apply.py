@@ -131,3 +131,19 @@ async def test_one_message_is_applied_alone_as_before(
 ) -> None:
     await apply_in_one_transaction(ctx, [_step(ctx, "a", 1)])
     assert [r[:3] for r in await _rows(db)] == [("a", 1, "alone")]
+
+
+async def test_a_large_batch_is_split_over_parallel_transactions_one_key_in_one(
+    ctx: WalletContext, db: asyncpg.Connection
+) -> None:
+    # 70 messages (two per key): ceil(70 / 32) = 3 transactions, each key's pair in one.
+    steps = [_step(ctx, f"k{i:02d}", n) for n in (1, 2) for i in range(35)]
+    await apply_in_one_transaction(ctx, steps)
+
+    rows = await _rows(db)
+    assert len(rows) == 70 and {r[2] for r in rows} == {"batch"}
+    assert len({r[3] for r in rows}) == 3
+    by_key: dict[str, set[int]] = {}
+    for key, _, _, x in rows:
+        by_key.setdefault(key, set()).add(x)
+    assert all(len(xs) == 1 for xs in by_key.values())

@@ -554,7 +554,9 @@ class Apply:
 async def apply_in_one_transaction(
     ctx: WalletContext, steps: Sequence[Apply], parallel: int = APPLY_IN_PARALLEL
 ) -> None:
-    """Apply a batch's messages in one transaction with one commit, each in a savepoint.
+    """Apply a batch's messages in one transaction with one commit, each in a savepoint
+    (a large batch in up to `parallel` such transactions side by side, MESSAGES_PER_TRANSACTION
+    or more each: the statements of one transaction run one after another).
 
     A message whose handler raises is rolled back to its savepoint (its neighbours keep
     their work) and applied again alone after the commit, by `in_order_per_key`, exactly as
@@ -562,8 +564,23 @@ async def apply_in_one_transaction(
     messages about the same thing, which keeps their order. If the batch cannot commit,
     every message is applied alone (handlers are idempotent, so a commit that did happen
     before the connection broke is only repeated)."""
-    left = list(steps) if len(steps) < 2 else await _together(ctx, steps)
+    if len(steps) < 2:
+        left = list(steps)
+    else:
+        groups = _by_key(steps, min(parallel, -(-len(steps) // MESSAGES_PER_TRANSACTION)))
+        done = await asyncio.gather(*(_together(ctx, group) for group in groups))
+        left = [step for group_left in done for step in group_left]
     await in_order_per_key([(step.key, step.alone) for step in left], parallel)
+
+
+def _by_key(steps: Sequence[Apply], count: int) -> list[list[Apply]]:
+    """`steps` in `count` groups of about equal size, all steps of one key in one group."""
+    groups: list[list[Apply]] = [[] for _ in range(max(1, count))]
+    group_of: dict[str | None, int] = {}
+    for step in steps:
+        index = group_of.setdefault(step.key, len(group_of) % len(groups))
+        groups[index].append(step)
+    return [group for group in groups if group]
 
 
 # A batch's transaction holds its locks (a grant row, the funding account) until its one
@@ -572,6 +589,7 @@ async def apply_in_one_transaction(
 # DECISION arriving as a request and as a reply) is broken at once, not after PostgreSQL's
 # one-second deadlock check.
 BATCH_LOCK_TIMEOUT_MS = 50
+MESSAGES_PER_TRANSACTION = 32  # a larger batch is split over parallel transactions
 _LOCK_TIMEOUT = f"SET LOCAL lock_timeout = {BATCH_LOCK_TIMEOUT_MS}"
 _SAVEPOINT = "SAVEPOINT plt_message"
 _RELEASE = "RELEASE SAVEPOINT plt_message"
