@@ -10,7 +10,8 @@ One pass (`run_once`):
    POST; seal each body with the key current *now* (a retry after a rotation is signed with
    the new key, its body hash unchanged);
 4. POST the batch, open every reply (refresh-once on an unknown key), log both envelopes in
-   `plt_message`, and `dispatch(..., is_reply=True)` each reply to its feature;
+   `plt_message`, and `dispatch(..., is_reply=True)` each reply to its feature, all in one
+   transaction (`apply_in_one_transaction`);
 5. give every row its next attempt: 0.2 s, 0.5 s, 1 s, 2 s ... capped at 60 s, with jitter.
 
 Before claiming, a pass looks (at most once a second) for peers whose rows wait because the
@@ -38,7 +39,7 @@ import datetime as dt
 import random
 import weakref
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
@@ -63,8 +64,9 @@ ROUNDS_MAX = 16  # rounds per run_once: bounded even if features keep enqueueing
 LEASE_MS = 30_000  # longer than a whole POST can take (connect + write + read timeouts)
 POST_BYTES_MAX = 2 * 1024 * 1024  # below the receiving node's 4 MiB body limit
 PEERS_IN_PARALLEL = 8
-# Messages of one batch applied side by side (each its own transaction and pooled connection),
-# in and out; small against the pool so that app requests still get connections.
+CHUNKS_IN_FLIGHT = 2  # POSTs to one peer at once (the 06:00 herd is thousands of DECISIONs)
+# Transactions applying one batch side by side (`apply_in_one_transaction`, and messages
+# applied alone), in and out; small against the pool so that app requests still get connections.
 APPLY_IN_PARALLEL = 4
 SENDER_IDLE_S = 0.1  # the worker's pause when nothing was due (and no commit woke it)
 PROBE_INTERVAL_MS = 1_000  # how often peers that were unreachable are asked whether they are back
@@ -364,8 +366,12 @@ async def _send_rows(
 
     async def one_peer(peer: str, peer_rows: list[_Row]) -> None:
         async with limit:
-            for chunk in _chunks(peer_rows):
-                await _send_chunk(ctx, node, peer, chunk, wire)
+            chunks = iter(_chunks(peer_rows))
+            # A few POSTs to one peer in flight: each waits mostly for the peer's commit and
+            # for our handling of its replies, not for CPU.
+            await asyncio.gather(
+                *(_send_chunks(ctx, node, peer, chunks, wire) for _ in range(CHUNKS_IN_FLIGHT))
+            )
 
     await asyncio.gather(*(one_peer(p, r) for p, r in by_peer.items()))
     report = SendReport(claimed=len(rows))
@@ -383,17 +389,31 @@ async def _send_rows(
     return report
 
 
+async def _send_chunks(
+    ctx: WalletContext, node: PltNode, peer: str, chunks: Iterator[list[_Row]], wire: Wire
+) -> None:
+    """Send chunks taken from `chunks` (shared by the POSTs in flight) until none is left."""
+    for chunk in chunks:
+        await _send_chunk(ctx, node, peer, chunk, wire)
+
+
 def _chunks(rows: list[_Row]) -> list[list[_Row]]:
-    """At most BATCH_MAX rows and about POST_BYTES_MAX of bodies per POST."""
+    """At most BATCH_MAX rows and about POST_BYTES_MAX of bodies per POST; the rows about one
+    thing (dedup_key) in one POST, in id order, since POSTs to a peer overlap."""
+    by_key: dict[str, list[_Row]] = defaultdict(list)
+    for row in rows:
+        by_key[row.dedup_key].append(row)
     chunks: list[list[_Row]] = []
     current: list[_Row] = []
     size = 0
-    for row in rows:
-        if current and (len(current) == BATCH_MAX or size + len(row.body) > POST_BYTES_MAX):
+    for group in by_key.values():
+        group_size = sum(len(row.body) + 256 for row in group)  # + envelope overhead
+        full = len(current) + len(group) > BATCH_MAX or size + group_size > POST_BYTES_MAX
+        if current and full:
             chunks.append(current)
             current, size = [], 0
-        current.append(row)
-        size += len(row.body) + 256  # envelope overhead
+        current.extend(group)
+        size += group_size
     if current:
         chunks.append(current)
     return chunks
@@ -555,8 +575,9 @@ async def apply_in_one_transaction(
     ctx: WalletContext, steps: Sequence[Apply], parallel: int = APPLY_IN_PARALLEL
 ) -> None:
     """Apply a batch's messages in one transaction with one commit, each in a savepoint
-    (a large batch in up to `parallel` such transactions side by side, MESSAGES_PER_TRANSACTION
-    or more each: the statements of one transaction run one after another).
+    (a large batch in up to BATCH_TRANSACTIONS_MAX such transactions side by side,
+    MESSAGES_PER_TRANSACTION or more each: the statements of one transaction run one after
+    another).
 
     A message whose handler raises is rolled back to its savepoint (its neighbours keep
     their work) and applied again alone after the commit, by `in_order_per_key`, exactly as
@@ -567,7 +588,8 @@ async def apply_in_one_transaction(
     if len(steps) < 2:
         left = list(steps)
     else:
-        groups = _by_key(steps, min(parallel, -(-len(steps) // MESSAGES_PER_TRANSACTION)))
+        wanted = -(-len(steps) // MESSAGES_PER_TRANSACTION)
+        groups = _by_key(steps, min(BATCH_TRANSACTIONS_MAX, wanted))
         done = await asyncio.gather(*(_together(ctx, group) for group in groups))
         left = [step for group_left in done for step in group_left]
     await in_order_per_key([(step.key, step.alone) for step in left], parallel)
@@ -589,7 +611,9 @@ def _by_key(steps: Sequence[Apply], count: int) -> list[list[Apply]]:
 # DECISION arriving as a request and as a reply) is broken at once, not after PostgreSQL's
 # one-second deadlock check.
 BATCH_LOCK_TIMEOUT_MS = 50
-MESSAGES_PER_TRANSACTION = 32  # a larger batch is split over parallel transactions
+MESSAGES_PER_TRANSACTION = 32  # a larger batch is split over parallel transactions,
+# at most this many: with CHUNKS_IN_FLIGHT POSTs, APPLY_IN_PARALLEL connections in all.
+BATCH_TRANSACTIONS_MAX = APPLY_IN_PARALLEL // CHUNKS_IN_FLIGHT
 _LOCK_TIMEOUT = f"SET LOCAL lock_timeout = {BATCH_LOCK_TIMEOUT_MS}"
 _SAVEPOINT = "SAVEPOINT plt_message"
 _RELEASE = "RELEASE SAVEPOINT plt_message"
