@@ -3,6 +3,7 @@
 Each message runs in a savepoint with the batch's connection as its pool; one that fails
 (raises, swallows a database error, or waits too long for a lock) is rolled back alone and
 applied again by itself after the commit, with the later messages about the same thing.
+Batches below 32 messages are applied message by message (the tests lower that bound).
 Real PostgreSQL: each row records the id of the transaction that wrote it.
 """
 
@@ -84,7 +85,7 @@ async def test_messages_commit_together_and_a_failing_one_is_applied_alone_with_
         _step(ctx, "b", 2),  # fine in itself, but after b1: applied alone, after it
         _step(ctx, "d", 1, _swallow),
     ]
-    await apply_in_one_transaction(ctx, steps)
+    await apply_in_one_transaction(ctx, steps, together_from=2)
 
     rows = await _rows(db)
     assert [r[:3] for r in rows] == [
@@ -116,7 +117,9 @@ async def test_a_message_waiting_on_a_lock_is_applied_alone_and_its_neighbours_c
     await db.execute("SELECT id FROM batch_lock WHERE id = 1 FOR UPDATE")
     try:
         await apply_in_one_transaction(
-            ctx, [_step(ctx, "a", 1), _step(ctx, "b", 1, lock_row), _step(ctx, "c", 1)]
+            ctx,
+            [_step(ctx, "a", 1), _step(ctx, "b", 1, lock_row), _step(ctx, "c", 1)],
+            together_from=2,
         )
     finally:
         await held.rollback()
@@ -126,11 +129,14 @@ async def test_a_message_waiting_on_a_lock_is_applied_alone_and_its_neighbours_c
     assert rows[0][3] == rows[2][3] != rows[1][3]
 
 
-async def test_one_message_is_applied_alone_as_before(
+async def test_a_small_batch_is_applied_message_by_message_as_before(
     ctx: WalletContext, db: asyncpg.Connection
 ) -> None:
-    await apply_in_one_transaction(ctx, [_step(ctx, "a", 1)])
-    assert [r[:3] for r in await _rows(db)] == [("a", 1, "alone")]
+    # Below MESSAGES_PER_TRANSACTION (32): each message in its own transactions.
+    await apply_in_one_transaction(ctx, [_step(ctx, k, 1) for k in "abc"])
+    rows = await _rows(db)
+    assert [r[:3] for r in rows] == [("a", 1, "alone"), ("b", 1, "alone"), ("c", 1, "alone")]
+    assert len({r[3] for r in rows}) == 3
 
 
 async def test_a_large_batch_is_split_over_parallel_transactions_one_key_in_one(

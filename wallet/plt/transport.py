@@ -68,6 +68,11 @@ CHUNKS_IN_FLIGHT = 2  # POSTs to one peer at once (the 06:00 herd is thousands o
 # Transactions applying one batch side by side (`apply_in_one_transaction`, and messages
 # applied alone), in and out; small against the pool so that app requests still get connections.
 APPLY_IN_PARALLEL = 4
+# A batch of this many messages or more is applied in one transaction per this many (at most
+# BATCH_TRANSACTIONS_MAX side by side: with CHUNKS_IN_FLIGHT POSTs, APPLY_IN_PARALLEL
+# connections in all); a smaller one message by message (`apply_in_one_transaction`).
+MESSAGES_PER_TRANSACTION = 32
+BATCH_TRANSACTIONS_MAX = APPLY_IN_PARALLEL // CHUNKS_IN_FLIGHT
 SENDER_IDLE_S = 0.1  # the worker's pause when nothing was due (and no commit woke it)
 PROBE_INTERVAL_MS = 1_000  # how often peers that were unreachable are asked whether they are back
 PROBE_TIMEOUT_S = 2.0
@@ -572,7 +577,10 @@ class Apply:
 
 
 async def apply_in_one_transaction(
-    ctx: WalletContext, steps: Sequence[Apply], parallel: int = APPLY_IN_PARALLEL
+    ctx: WalletContext,
+    steps: Sequence[Apply],
+    parallel: int = APPLY_IN_PARALLEL,
+    together_from: int = MESSAGES_PER_TRANSACTION,
 ) -> None:
     """Apply a batch's messages in one transaction with one commit, each in a savepoint
     (a large batch in up to BATCH_TRANSACTIONS_MAX such transactions side by side,
@@ -584,8 +592,12 @@ async def apply_in_one_transaction(
     without batching: its error answer comes from the same code as ever. So do the later
     messages about the same thing, which keeps their order. If the batch cannot commit,
     every message is applied alone (handlers are idempotent, so a commit that did happen
-    before the connection broke is only repeated)."""
-    if len(steps) < 2:
+    before the connection broke is only repeated).
+
+    A batch of fewer than `together_from` messages is applied alone, message by message, up
+    to `parallel` side by side: measured on two cores, the savepoints cost more round trips
+    than the saved commits are worth until batches grow large (bench/README.md)."""
+    if len(steps) < max(2, together_from):
         left = list(steps)
     else:
         wanted = -(-len(steps) // MESSAGES_PER_TRANSACTION)
@@ -611,9 +623,6 @@ def _by_key(steps: Sequence[Apply], count: int) -> list[list[Apply]]:
 # DECISION arriving as a request and as a reply) is broken at once, not after PostgreSQL's
 # one-second deadlock check.
 BATCH_LOCK_TIMEOUT_MS = 50
-MESSAGES_PER_TRANSACTION = 32  # a larger batch is split over parallel transactions,
-# at most this many: with CHUNKS_IN_FLIGHT POSTs, APPLY_IN_PARALLEL connections in all.
-BATCH_TRANSACTIONS_MAX = APPLY_IN_PARALLEL // CHUNKS_IN_FLIGHT
 _LOCK_TIMEOUT = f"SET LOCAL lock_timeout = {BATCH_LOCK_TIMEOUT_MS}"
 _SAVEPOINT = "SAVEPOINT plt_message"
 _RELEASE = "RELEASE SAVEPOINT plt_message"
