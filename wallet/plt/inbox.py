@@ -189,9 +189,9 @@ async def _receive(
         now,
     )
 
-    # 3. Dispatch: all in one transaction and one commit, messages about one thing in batch
-    # order (a REL_END may follow its REL_REQUEST in one batch); a message that fails is
-    # applied again alone (transport.apply_in_one_transaction).
+    # 3. Dispatch (transport.apply_in_one_transaction): a large batch in one transaction per
+    # 32+ messages (a message that fails there is applied again alone), a small one message by
+    # message; messages about one thing in batch order (a REL_END may follow its REL_REQUEST).
     async def together(item: _Item, env: Envelope, incoming: Incoming, c: WalletContext) -> None:
         item.reply = await _answer(c, node, env, incoming, now_ms)
 

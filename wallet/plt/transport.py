@@ -10,8 +10,9 @@ One pass (`run_once`):
    POST; seal each body with the key current *now* (a retry after a rotation is signed with
    the new key, its body hash unchanged);
 4. POST the batch, open every reply (refresh-once on an unknown key), log both envelopes in
-   `plt_message`, and `dispatch(..., is_reply=True)` each reply to its feature, all in one
-   transaction (`apply_in_one_transaction`);
+   `plt_message`, and `dispatch(..., is_reply=True)` each reply to its feature (a large
+   batch in one transaction per 32+ replies, `apply_in_one_transaction`); two POSTs to one
+   peer may be in flight, the rows about one thing always in the same one;
 5. give every row its next attempt: 0.2 s, 0.5 s, 1 s, 2 s ... capped at 60 s, with jitter.
 
 Before claiming, a pass looks (at most once a second) for peers whose rows wait because the
