@@ -45,7 +45,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -58,12 +57,21 @@ import msgspec
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nodes.embedded_pg import EmbeddedPostgres, pg_binary  # noqa: E402
+from support import (  # noqa: E402
+    DB,
+    OPERATOR_TOKEN,
+    add_node_root_arguments,
+    create_database,
+    free_port,
+    pct,
+    pgbench,
+    resolve_node_root,
+)
+
+from nodes.embedded_pg import EmbeddedPostgres  # noqa: E402
 from wallet.idnumber import check_character  # noqa: E402
 
 NODE_ID, PROVINCE = "prov-13", "130000"
-DB = "plt"
-OPERATOR_TOKEN = "op-bench"
 BALANCE_FEN = 10**9  # never the bottleneck
 AMOUNT_FEN = 100
 CATEGORY = "outpatient"
@@ -94,27 +102,10 @@ class Node:
 # --- setup -----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def id_number(seq: int) -> str:
     """A well-formed, distinct GB 11643 number for every seq below 10,000,000."""
     first17 = f"13{(seq // 1000) % 10000:04d}19800101{seq % 1000:03d}"
     return first17 + check_character(first17)
-
-
-async def create_database(server: EmbeddedPostgres) -> None:
-    admin = await asyncpg.connect(server.dsn())
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{DB}"')
-        settings = {k: await admin.fetchval(f"SHOW {k}") for k in ("fsync", "synchronous_commit")}
-    finally:
-        await admin.close()
-    assert settings == {"fsync": "on", "synchronous_commit": "on"}, settings
 
 
 def start_node(data: Path, node: Node, args: argparse.Namespace) -> None:
@@ -492,36 +483,7 @@ async def count_round_trips(
 # --- pgbench -----------------------------------------------------------------------------------
 
 
-def pgbench(server: EmbeddedPostgres, clients: int, seconds: int, scale: int) -> float:
-    """`pgbench -N` (simple updates, no branch/teller hot rows) on the same server."""
-    args = ["-h", "127.0.0.1", "-p", str(server.port), "-U", "postgres"]
-    exe = str(pg_binary("pgbench"))
-    psql = str(pg_binary("psql"))
-    subprocess.run(
-        [psql, *args, "-q", "-c", "DROP DATABASE IF EXISTS pgbench WITH (FORCE)",
-         "-c", "CREATE DATABASE pgbench", "postgres"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    subprocess.run(
-        [exe, *args, "-i", "-q", "-s", str(scale), "pgbench"], check=True, capture_output=True
-    )
-    result = subprocess.run(
-        [exe, *args, "-N", "-c", str(clients), "-j", "2", "-T", str(seconds), "pgbench"],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    match = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", result.stdout)
-    assert match, result.stdout[-400:]
-    return float(match[1])
-
-
 # --- main --------------------------------------------------------------------------------------
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def bench(args: argparse.Namespace) -> None:
@@ -648,8 +610,7 @@ def main() -> None:
     parser.add_argument(
         "--node-workers", type=int, default=1, help="node worker processes (PLT_WORKERS)"
     )
-    parser.add_argument("--node-root", help="checkout whose node to run (default: this one)")
-    parser.add_argument("--node-python", help="its interpreter (default: its .venv)")
+    add_node_root_arguments(parser)
     parser.add_argument(
         "--no-analyze", dest="analyze", action="store_false", help="skip ANALYZE after loading"
     )
@@ -659,11 +620,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default="data/bench-settlements")
     parser.add_argument("--keep", action="store_true", help="keep the data folder")
     args = parser.parse_args()
-    args.node_root = Path(args.node_root).resolve() if args.node_root else ROOT
-    venv_python = args.node_root / ".venv/bin/python"
-    args.node_python = args.node_python or (
-        str(venv_python) if venv_python.exists() else sys.executable
-    )
+    resolve_node_root(args, ROOT)
     if args.patients > args.persons and args.money == "own":
         args.persons = args.patients
     asyncio.run(bench(args))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+from wallet.plt import transport
 from wallet.plt.transport import in_order_per_key
 
 
@@ -51,3 +52,22 @@ async def test_a_single_key_runs_in_order_without_tasks() -> None:
 
     await in_order_per_key([(None, step(n)) for n in range(5)])
     assert seen == [0, 1, 2, 3, 4]
+
+
+def test_a_post_never_splits_the_rows_about_one_thing() -> None:
+    # 300 rows about 100 things, three each, far apart in id order.
+    rows = [
+        transport._Row(id=i, to_node="prov-31", typ=typ, dedup_key=f"t{i % 100}",
+                       body=b"x", attempts=0)
+        for i, typ in enumerate(["PREPARE"] * 100 + ["DECISION"] * 100 + ["STATUS_REQ"] * 100)
+    ]  # fmt: skip
+    chunks = transport._chunks(rows)
+
+    assert [len(c) for c in chunks] == [255, 45]  # 85 things, then 15
+    assert sorted(r.id for c in chunks for r in c) == list(range(300))
+    keys = [{r.dedup_key for r in c} for c in chunks]
+    assert len(keys[0]) == 85 and len(keys[1]) == 15 and keys[0].isdisjoint(keys[1])
+    for chunk in chunks:
+        for key in {r.dedup_key for r in chunk}:
+            ids = [r.id for r in chunk if r.dedup_key == key]
+            assert ids == sorted(ids) and len(ids) == 3

@@ -65,9 +65,10 @@ from wallet.context import WalletContext
 from wallet.plt.dispatch import Incoming, NoHandler, dispatch
 from wallet.plt.node import PltNode
 from wallet.plt.transport import (
+    Apply,
     Logged,
+    apply_in_one_transaction,
     dedup_key_of,
-    in_order_per_key,
     join_batch,
     log_messages,
     split_batch,
@@ -197,17 +198,26 @@ async def _receive(
         now,
     )
 
-    # 3. Dispatch: messages about one thing in batch order (a REL_END may follow its
-    # REL_REQUEST in one batch), messages about different things side by side.
-    async def apply(item: _Item, env: Envelope, incoming: Incoming) -> None:
+    # 3. Dispatch (transport.apply_in_one_transaction): a large batch in one transaction per
+    # 32+ messages (a message that fails there is applied again alone), a small one message by
+    # message; messages about one thing in batch order (a REL_END may follow its REL_REQUEST).
+    async def together(item: _Item, env: Envelope, incoming: Incoming, c: WalletContext) -> None:
+        item.reply = await _answer(c, node, env, incoming, now_ms)
+
+    async def alone(item: _Item, env: Envelope, incoming: Incoming) -> None:
         item.reply = await _apply(ctx, node, env, incoming, now_ms)
 
-    await in_order_per_key(
+    await apply_in_one_transaction(
+        ctx,
         [
-            (_key(item), partial(apply, item, item.envelope, item.incoming))
+            Apply(
+                _key(item),
+                partial(together, item, item.envelope, item.incoming),
+                partial(alone, item, item.envelope, item.incoming),
+            )
             for item in items
             if item.incoming is not None and item.envelope is not None
-        ]
+        ],
     )
     out = [
         Logged("out", item.reply, encode_envelope(item.reply, wire), _key(item))
@@ -302,10 +312,7 @@ async def _apply(
     """Dispatch one verified message and seal its answer (never raises)."""
     reply: Body
     try:
-        answer = await dispatch(ctx, incoming)
-        if answer is None:
-            raise ValidationFailed(f"{env.typ} is only ever a reply; nothing answers it here")
-        reply = answer
+        return await _answer(ctx, node, env, incoming, now_ms)
     except NoHandler:
         code = ErrorCode.UNKNOWN_TRANSFER if env.typ in TRANSFER_TYPES else ErrorCode.VALIDATION
         text = f"no feature at {node.node_id} takes {env.typ}"
@@ -330,6 +337,16 @@ async def _apply(
             ErrorBody.of(ErrorCode.UNAVAILABLE, f"{node.node_id} could not apply it; send again"),
         )
     return node.seal(typ_of(reply), env.from_node, reply, _ms_now(ctx, now_ms))
+
+
+async def _answer(
+    ctx: WalletContext, node: PltNode, env: Envelope, incoming: Incoming, now_ms: int
+) -> Envelope:
+    """Dispatch one verified message and seal its answer; raises what the handler raised."""
+    answer = await dispatch(ctx, incoming)
+    if answer is None:
+        raise ValidationFailed(f"{env.typ} is only ever a reply; nothing answers it here")
+    return node.seal(typ_of(answer), env.from_node, answer, _ms_now(ctx, now_ms))
 
 
 def _ms_now(ctx: WalletContext, fallback_ms: int) -> int:

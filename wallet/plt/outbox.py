@@ -60,21 +60,53 @@ async def stop(
     return row_id is not None
 
 
+# A worker's batch (the 06:00 sweep: a thousand DECISIONs) as one statement each, not a
+# thousand executions: same rows, same conflicts ignored, one notification.
+_ENQUEUE_MANY = """
+WITH queued AS (
+    INSERT INTO plt_outbox (to_node, typ, dedup_key, body, created_at, next_attempt_at)
+    SELECT m.to_node, m.typ, m.dedup_key, m.body, $5, $5
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[]) WITH ORDINALITY
+        AS m(to_node, typ, dedup_key, body, n)
+    ORDER BY m.n
+    ON CONFLICT (to_node, typ, dedup_key) DO NOTHING
+    RETURNING id
+)
+SELECT pg_notify('plt_outbox', '') FROM (SELECT 1 FROM queued LIMIT 1) AS any_queued
+"""
+_STOP_MANY = """
+UPDATE plt_outbox AS o SET done_at = $4
+FROM unnest($1::text[], $2::text[], $3::text[]) AS s(to_node, typ, dedup_key)
+WHERE o.to_node = s.to_node AND o.typ = s.typ AND o.dedup_key = s.dedup_key
+  AND o.done_at IS NULL
+"""
+
+
 async def enqueue_many(
     conn: asyncpg.Connection,
     messages: Sequence[tuple[str, MessageType, str, bytes]],
     *,
     now: dt.datetime,
 ) -> None:
-    """`enqueue` for (to_node, typ, key, body) messages at once, pipelined (a worker's batch)."""
-    await conn.executemany(
-        _ENQUEUE,
-        [(to_node, typ.value, key, body, now, None) for to_node, typ, key, body in messages],
+    """`enqueue` for (to_node, typ, key, body) messages at once, in one statement."""
+    await conn.execute(
+        _ENQUEUE_MANY,
+        [to_node for to_node, _, _, _ in messages],
+        [typ.value for _, typ, _, _ in messages],
+        [key for _, _, key, _ in messages],
+        [body for _, _, _, body in messages],
+        now,
     )
 
 
 async def stop_many(
     conn: asyncpg.Connection, rows: Sequence[tuple[str, MessageType, str]], *, now: dt.datetime
 ) -> None:
-    """`stop` for (to_node, typ, key) rows at once, pipelined."""
-    await conn.executemany(_STOP, [(to_node, typ.value, key, now) for to_node, typ, key in rows])
+    """`stop` for (to_node, typ, key) rows at once, in one statement."""
+    await conn.execute(
+        _STOP_MANY,
+        [to_node for to_node, _, _ in rows],
+        [typ.value for _, typ, _ in rows],
+        [key for _, _, key in rows],
+        now,
+    )

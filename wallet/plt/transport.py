@@ -10,7 +10,9 @@ One pass (`run_once`):
    POST; seal each body with the key current *now* (a retry after a rotation is signed with
    the new key, its body hash unchanged);
 4. POST the batch, open every reply (refresh-once on an unknown key), log both envelopes in
-   `plt_message`, and `dispatch(..., is_reply=True)` each reply to its feature;
+   `plt_message`, and `dispatch(..., is_reply=True)` each reply to its feature (a large
+   batch in one transaction per 32+ replies, `apply_in_one_transaction`); two POSTs to one
+   peer may be in flight, the rows about one thing always in the same one;
 5. give every row its next attempt: 0.2 s, 0.5 s, 1 s, 2 s ... capped at 60 s, with jitter.
 
 Before claiming, a pass looks (at most once a second) for peers whose rows wait because the
@@ -32,13 +34,16 @@ the row and calls the handler registered with `on_error_reply` for the original 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import datetime as dt
 import random
 import weakref
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any, cast
 
 import asyncpg
 import httpx
@@ -68,9 +73,15 @@ ROUNDS_MAX = 16  # rounds per run_once: bounded even if features keep enqueueing
 LEASE_MS = 30_000  # longer than a whole POST can take (connect + write + read timeouts)
 POST_BYTES_MAX = 2 * 1024 * 1024  # below the receiving node's 4 MiB body limit
 PEERS_IN_PARALLEL = 8
-# Messages of one batch applied side by side (each its own transaction and pooled connection),
-# in and out; small against the pool so that app requests still get connections.
+CHUNKS_IN_FLIGHT = 2  # POSTs to one peer at once (the 06:00 herd is thousands of DECISIONs)
+# Transactions applying one batch side by side (`apply_in_one_transaction`, and messages
+# applied alone), in and out; small against the pool so that app requests still get connections.
 APPLY_IN_PARALLEL = 4
+# A batch of this many messages or more is applied in one transaction per this many (at most
+# BATCH_TRANSACTIONS_MAX side by side: with CHUNKS_IN_FLIGHT POSTs, APPLY_IN_PARALLEL
+# connections in all); a smaller one message by message (`apply_in_one_transaction`).
+MESSAGES_PER_TRANSACTION = 32
+BATCH_TRANSACTIONS_MAX = APPLY_IN_PARALLEL // CHUNKS_IN_FLIGHT
 SENDER_IDLE_S = 0.1  # the worker's pause when nothing was due (and no commit woke it)
 PROBE_INTERVAL_MS = 1_000  # how often peers that were unreachable are asked whether they are back
 PROBE_TIMEOUT_S = 2.0
@@ -369,8 +380,12 @@ async def _send_rows(
 
     async def one_peer(peer: str, peer_rows: list[_Row]) -> None:
         async with limit:
-            for chunk in _chunks(peer_rows):
-                await _send_chunk(ctx, node, peer, chunk, wire)
+            chunks = iter(_chunks(peer_rows))
+            # A few POSTs to one peer in flight: each waits mostly for the peer's commit and
+            # for our handling of its replies, not for CPU.
+            await asyncio.gather(
+                *(_send_chunks(ctx, node, peer, chunks, wire) for _ in range(CHUNKS_IN_FLIGHT))
+            )
 
     await asyncio.gather(*(one_peer(p, r) for p, r in by_peer.items()))
     report = SendReport(claimed=len(rows))
@@ -388,17 +403,31 @@ async def _send_rows(
     return report
 
 
+async def _send_chunks(
+    ctx: WalletContext, node: PltNode, peer: str, chunks: Iterator[list[_Row]], wire: Wire
+) -> None:
+    """Send chunks taken from `chunks` (shared by the POSTs in flight) until none is left."""
+    for chunk in chunks:
+        await _send_chunk(ctx, node, peer, chunk, wire)
+
+
 def _chunks(rows: list[_Row]) -> list[list[_Row]]:
-    """At most BATCH_MAX rows and about POST_BYTES_MAX of bodies per POST."""
+    """At most BATCH_MAX rows and about POST_BYTES_MAX of bodies per POST; the rows about one
+    thing (dedup_key) in one POST, in id order, since POSTs to a peer overlap."""
+    by_key: dict[str, list[_Row]] = defaultdict(list)
+    for row in rows:
+        by_key[row.dedup_key].append(row)
     chunks: list[list[_Row]] = []
     current: list[_Row] = []
     size = 0
-    for row in rows:
-        if current and (len(current) == BATCH_MAX or size + len(row.body) > POST_BYTES_MAX):
+    for group in by_key.values():
+        group_size = sum(len(row.body) + 256 for row in group)  # + envelope overhead
+        full = len(current) + len(group) > BATCH_MAX or size + group_size > POST_BYTES_MAX
+        if current and full:
             chunks.append(current)
             current, size = [], 0
-        current.append(row)
-        size += len(row.body) + 256  # envelope overhead
+        current.extend(group)
+        size += group_size
     if current:
         chunks.append(current)
     return chunks
@@ -490,8 +519,8 @@ async def _handle_replies(
         handled.append((row, incoming))
     # Evidence first: the envelopes are on record before any feature acts on them.
     await log_messages(ctx.pool, logged, now)
-    await in_order_per_key(
-        [(row.dedup_key, partial(_hand_over, ctx, row, incoming)) for row, incoming in handled]
+    await apply_in_one_transaction(
+        ctx, [_reply_step(ctx, row, incoming) for row, incoming in handled]
     )
 
 
@@ -522,6 +551,142 @@ async def in_order_per_key(
     await asyncio.gather(*(run(group) for group in groups.values()))
 
 
+# --- a batch of messages in one transaction ------------------------------------------------------
+
+
+class OneConnection:
+    """What a batch's handlers see as `ctx.pool`: every use goes to the batch's connection.
+
+    `acquire()` yields that connection, so a handler's own `conn.transaction()` opens a
+    savepoint inside the batch's transaction, and its statements commit with its
+    neighbours' in the batch's one commit. Every other pool method (fetch, execute, ...)
+    runs on the connection too."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
+        """The batch's connection (never released here: the batch owns it)."""
+        yield self._conn
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+@dataclass(frozen=True)
+class Apply:
+    """One message's application, for `apply_in_one_transaction`."""
+
+    key: str | None  # what it is about (transfer, relation or release id): kept in order
+    # With the batch's context (its pool is the batch's connection); raises on any failure.
+    # None: this message is only ever applied alone.
+    together: Callable[[WalletContext], Awaitable[None]] | None
+    alone: Callable[[], Awaitable[None]]  # in its own transactions, as before; never raises
+
+
+async def apply_in_one_transaction(
+    ctx: WalletContext,
+    steps: Sequence[Apply],
+    parallel: int = APPLY_IN_PARALLEL,
+    together_from: int = MESSAGES_PER_TRANSACTION,
+) -> None:
+    """Apply a batch's messages in one transaction with one commit, each in a savepoint
+    (a large batch in up to BATCH_TRANSACTIONS_MAX such transactions side by side,
+    MESSAGES_PER_TRANSACTION or more each: the statements of one transaction run one after
+    another).
+
+    A message whose handler raises is rolled back to its savepoint (its neighbours keep
+    their work) and applied again alone after the commit, by `in_order_per_key`, exactly as
+    without batching: its error answer comes from the same code as ever. So do the later
+    messages about the same thing, which keeps their order. If the batch cannot commit,
+    every message is applied alone (handlers are idempotent, so a commit that did happen
+    before the connection broke is only repeated).
+
+    A batch of fewer than `together_from` messages is applied alone, message by message, up
+    to `parallel` side by side: measured on two cores, the savepoints cost more round trips
+    than the saved commits are worth until batches grow large (bench/README.md)."""
+    if len(steps) < max(2, together_from):
+        left = list(steps)
+    else:
+        wanted = -(-len(steps) // MESSAGES_PER_TRANSACTION)
+        groups = _by_key(steps, min(BATCH_TRANSACTIONS_MAX, wanted))
+        done = await asyncio.gather(*(_together(ctx, group) for group in groups))
+        left = [step for group_left in done for step in group_left]
+    await in_order_per_key([(step.key, step.alone) for step in left], parallel)
+
+
+def _by_key(steps: Sequence[Apply], count: int) -> list[list[Apply]]:
+    """`steps` in `count` groups of about equal size, all steps of one key in one group."""
+    groups: list[list[Apply]] = [[] for _ in range(max(1, count))]
+    group_of: dict[str | None, int] = {}
+    for step in steps:
+        index = group_of.setdefault(step.key, len(group_of) % len(groups))
+        groups[index].append(step)
+    return [group for group in groups if group]
+
+
+# A batch's transaction holds its locks (a grant row, the funding account) until its one
+# commit; a message that would wait longer than this for a lock gives up in the batch and is
+# applied alone after the commit. A lock cycle with a single-message transaction (the same
+# DECISION arriving as a request and as a reply) is broken at once, not after PostgreSQL's
+# one-second deadlock check.
+BATCH_LOCK_TIMEOUT_MS = 50
+_LOCK_TIMEOUT = f"SET LOCAL lock_timeout = {BATCH_LOCK_TIMEOUT_MS}"
+_SAVEPOINT = "SAVEPOINT plt_message"
+_RELEASE = "RELEASE SAVEPOINT plt_message"
+_ROLLBACK_TO = "ROLLBACK TO SAVEPOINT plt_message"
+
+
+async def _together(ctx: WalletContext, steps: Sequence[Apply]) -> list[Apply]:
+    """Run `steps` in one transaction; return those to apply alone afterwards.
+
+    Steps go in the order of their keys (stable: one key's steps keep their batch order), so
+    two batches lock the rows of the things they share in the same order."""
+    left: list[Apply] = []
+    failed_keys: set[str | None] = set()
+    try:
+        async with ctx.pool.acquire() as conn, conn.transaction():
+            await conn.execute(_LOCK_TIMEOUT)
+            shared = dataclasses.replace(ctx, pool=cast(asyncpg.Pool, OneConnection(conn)))
+            for step in sorted(steps, key=lambda s: s.key or ""):
+                if step.together is None or step.key in failed_keys:
+                    failed_keys.add(step.key)
+                    left.append(step)
+                    continue
+                # Our own savepoint, released explicitly: a handler that swallowed a
+                # database error cannot leave the batch's transaction aborted (the RELEASE
+                # fails, and the step is rolled back like one that raised).
+                await conn.execute(_SAVEPOINT)
+                try:
+                    await step.together(shared)
+                    await conn.execute(_RELEASE)
+                except Exception as exc:
+                    await conn.execute(_ROLLBACK_TO)
+                    log.info("plt_apply_alone", key=step.key, error=repr(exc))
+                    failed_keys.add(step.key)
+                    left.append(step)
+    except Exception as exc:  # no connection, lost connection, failed commit
+        log.warning("plt_batch_not_committed", messages=len(steps), error=repr(exc))
+        return list(steps)
+    return left
+
+
+def _reply_step(ctx: WalletContext, row: _Row, incoming: Incoming) -> Apply:
+    """A reply as a step of its batch's transaction (ERROR replies are handled alone)."""
+    together = (
+        None if isinstance(incoming.body, ErrorReply) else partial(_apply_reply, row, incoming)
+    )
+    return Apply(row.dedup_key, together, partial(_hand_over, ctx, row, incoming))
+
+
+async def _apply_reply(row: _Row, incoming: Incoming, ctx: WalletContext) -> None:
+    """Hand a (non-ERROR) reply to its feature; close the row if the reply is final."""
+    await dispatch(ctx, incoming)
+    if MessageType(row.typ) in DONE_ON_REPLY:
+        await ctx.pool.execute(_DONE, row.id, ctx.clock.now())
+
+
 async def _hand_over(ctx: WalletContext, row: _Row, incoming: Incoming) -> None:
     body = incoming.body
     if isinstance(body, ErrorReply):
@@ -546,9 +711,7 @@ async def _hand_over(ctx: WalletContext, row: _Row, incoming: Incoming) -> None:
                 log.error("plt_error_handler_failed", typ=row.typ, error=repr(exc), exc_info=exc)
         return
     try:
-        await dispatch(ctx, incoming)
-        if MessageType(row.typ) in DONE_ON_REPLY:
-            await ctx.pool.execute(_DONE, row.id, ctx.clock.now())
+        await _apply_reply(row, incoming, ctx)
     except NoHandler:
         row.error = f"no handler for reply {incoming.typ}"
         log.error("plt_reply_unhandled", typ=str(incoming.typ), peer=incoming.from_node)
