@@ -156,11 +156,13 @@ def id_number(seq: int, region: str) -> str:
     return first17 + check_character(first17)
 
 
-async def create_migrated_database(server: EmbeddedPostgres) -> None:
+async def create_migrated_database(server: EmbeddedPostgres, node_root: Path) -> None:
+    """A database migrated by the node's own migrations (`--node-root` may be an older
+    checkout, whose node refuses a database migrated further than it knows)."""
     await create_database(server)
     conn = await asyncpg.connect(server.dsn(DB))
     try:
-        await migrate(conn)
+        await migrate(conn, Path(node_root) / "migrations")
     finally:
         await conn.close()
 
@@ -654,7 +656,7 @@ async def bench(args: argparse.Namespace) -> None:
     try:
         for node in nodes.values():
             node.server.start()
-            await create_migrated_database(node.server)
+            await create_migrated_database(node.server, args.node_root)
         peppers = write_keys(data, nodes)
         for node in nodes.values():
             start_node(data, node, args)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import asyncpg
 
@@ -32,18 +32,6 @@ _CREDITED = """
 SELECT p.id AS person_id, c.amount_fen
 FROM unnest($1::bigint[], $2::bigint[]) AS c(account_id, amount_fen)
 JOIN insured_person p ON p.personal_account_id = c.account_id
-"""
-# The in-province givers whose money paid part of a settlement (quotas' givers live at the
-# giver's node, which learns of the use from the monthly USAGE report).
-_SPENT = """
-SELECT s.seq, s.amount_fen, r.giver_person_id, p.name AS patient_name, st.category,
-       st.patient_person_id, r.id AS relationship_id
-FROM settlement_source s
-JOIN settlement st ON st.id = s.settlement_id
-JOIN relationship r ON r.id = s.relationship_id
-JOIN insured_person p ON p.id = st.patient_person_id
-WHERE s.settlement_id = $1 AND s.source = 'giver'
-ORDER BY s.seq
 """
 
 
@@ -112,26 +100,60 @@ async def wallet_locked(
     await record_many(conn, [notice], now)
 
 
+# The in-province givers whose money paid part of a settlement, for its refunds.
+_SPENT = """
+SELECT s.seq, s.amount_fen, r.giver_person_id, p.name AS patient_name, st.category,
+       st.patient_person_id, r.id AS relationship_id
+FROM settlement_source s
+JOIN settlement st ON st.id = s.settlement_id
+JOIN relationship r ON r.id = s.relationship_id
+JOIN insured_person p ON p.id = st.patient_person_id
+WHERE s.settlement_id = $1 AND s.source = 'giver'
+ORDER BY s.seq
+"""
+
+
+class SharedSpend(NamedTuple):
+    """One in-province giver's share of a settlement: the settlement's source `seq`."""
+
+    seq: int
+    giver_person_id: int
+    relationship_id: int
+    amount_fen: int
+
+
 async def shared_money_spent(
-    conn: asyncpg.Connection, settlement_id: int, now: dt.datetime
+    conn: asyncpg.Connection,
+    settlement_id: int,
+    spent: Sequence[SharedSpend],
+    patient_name: str,
+    category: str,
+    now: dt.datetime,
 ) -> None:
-    """A settlement took money from in-province givers: tell each giver who, how much, what."""
-    notices = [
-        Notice(
-            person_id=r["giver_person_id"],
-            kind=Kind.SHARED_MONEY_SPENT,
-            event_key=f"settlement:{settlement_id}:{r['seq']}",
-            amount_fen=r["amount_fen"],
-            counterpart_name_masked=mask_name(r["patient_name"]),
-            refs={
-                "settlement_id": str(settlement_id),
-                "relationship_id": str(r["relationship_id"]),
-            },
-            detail={"category": r["category"]},
-        )
-        for r in await conn.fetch(_SPENT, settlement_id)
-    ]
-    await record_many(conn, notices, now)
+    """A settlement took money from in-province givers: tell each giver who, how much, what.
+
+    Built from what the settlement already holds (no read), so the notice costs the
+    settlement one statement. Quotas' givers live at the giver's node and hear of it there
+    (`wallet.plt.spend_notices`)."""
+    await record_many(
+        conn,
+        [
+            Notice(
+                person_id=share.giver_person_id,
+                kind=Kind.SHARED_MONEY_SPENT,
+                event_key=f"settlement:{settlement_id}:{share.seq}",
+                amount_fen=share.amount_fen,
+                counterpart_name_masked=mask_name(patient_name),
+                refs={
+                    "settlement_id": str(settlement_id),
+                    "relationship_id": str(share.relationship_id),
+                },
+                detail={"category": category},
+            )
+            for share in spent
+        ],
+        now,
+    )
 
 
 async def shared_money_refunded(

@@ -157,7 +157,7 @@ patient AS MATERIALIZED (
     FOR SHARE),
 givers AS MATERIALIZED (
     SELECT r.id AS relationship_id, g.personal_account_id AS account_id, r.filed_at,
-           r.receiver_priority, g.name
+           r.receiver_priority, g.name, g.id AS person_id
     FROM relationship r
     JOIN insured_person g ON g.id = r.giver_person_id
     JOIN wallet w ON w.person_id = g.id
@@ -191,6 +191,7 @@ SELECT p.id, p.status, p.personal_account_id, p.name, (SELECT id FROM payee) AS 
        ARRAY(SELECT filed_at FROM givers ORDER BY relationship_id) AS giver_filed_at,
        ARRAY(SELECT receiver_priority FROM givers ORDER BY relationship_id) AS giver_priorities,
        ARRAY(SELECT name FROM givers ORDER BY relationship_id) AS giver_names,
+       ARRAY(SELECT person_id FROM givers ORDER BY relationship_id) AS giver_persons,
        ARRAY(SELECT account_id FROM quotas ORDER BY account_id) AS quota_accounts,
        ARRAY(SELECT relation_id FROM quotas ORDER BY account_id) AS quota_relations,
        ARRAY(SELECT from_node FROM quotas ORDER BY account_id) AS quota_from_nodes,
@@ -460,7 +461,16 @@ async def _settle_new(
             plan=plan,
             payee_account_id=patient["payee"],
         )
-        await notices.shared_money_spent(conn, settlement_id, now)
+        givers = dict(zip(patient["giver_relationships"], patient["giver_persons"], strict=True))
+        spent = [
+            notices.SharedSpend(seq, givers[c.relationship_id], c.relationship_id, take)
+            for seq, (c, take) in enumerate(plan)
+            if c.source == "giver" and c.relationship_id is not None
+        ]
+        if spent:  # no round trip when only the patient's own account or quotas paid
+            await notices.shared_money_spent(
+                conn, settlement_id, spent, patient["name"], category, now
+            )
         # Cross-province givers hear from their own node (QUOTA_USED, one per quota drawn on).
         drawn = [(c.account_id, fen) for c, fen in plan if c.source == "quota"]
         await spend_notices.quotas_drawn(conn, "spent", drawn, now, settlement_id=settlement_id)
