@@ -17,7 +17,8 @@ amount, the category and its own reference. In ONE transaction the node
   4. writes the settlement, one settlement_source row and one ledger transfer per source.
 
 Steps 1-2 are one statement and step 4 another (`_TAKE`, `_RECORD`): with the key lookup,
-BEGIN, COMMIT and the pool's reset, a settlement is six round trips on one connection.
+BEGIN and COMMIT, a settlement is five round trips on one connection (six when relatives'
+money paid: the givers' notifications).
 
 If the sources do not cover the amount, the payment is refused (`insufficient_funds`) and
 nothing changes, the code included: a refused payment does not consume the code, so the
@@ -349,7 +350,7 @@ async def _connection(
     ctx: WalletContext, conn: asyncpg.Connection | None
 ) -> AsyncIterator[asyncpg.Connection]:
     """The request's own connection if it has one (the API's: the key lookup ran on it), else
-    one from the pool. One connection per request: each release costs the pool's reset."""
+    one from the pool: one connection per request."""
     if conn is not None:
         yield conn
         return

@@ -89,7 +89,7 @@ async def provide_session_to_end(request: Request[Any, Any, Any]) -> AppCaller:
 
 async def provide_connection(request: Request[Any, Any, Any]) -> AsyncIterator[asyncpg.Connection]:
     """One pooled connection for the whole request (the key lookup and the handler's work):
-    every release costs the pool's reset round trip, so a request releases once."""
+    a request acquires and releases once."""
     async with context_of(request).pool.acquire() as conn:
         yield conn
 
