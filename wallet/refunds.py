@@ -56,6 +56,7 @@ class RefundView(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 @dataclass(frozen=True)
 class SourceToRefund:
     seq: int
+    source: SourceKind
     account_id: int
     left_fen: int
 
@@ -77,7 +78,7 @@ WHERE debit_account_id = $1 AND settlement_id = $2 AND refund_id IS NULL
 LIMIT 1
 """
 _REFUNDABLE_SOURCES = """
-SELECT seq, account_id, amount_fen - refunded_fen AS left_fen FROM settlement_source
+SELECT seq, source, account_id, amount_fen - refunded_fen AS left_fen FROM settlement_source
 WHERE settlement_id = $1
 ORDER BY seq DESC
 """
@@ -205,7 +206,7 @@ async def _refund_new(
                 refundable_fen=left_fen,
             )
         sources = [
-            SourceToRefund(r["seq"], r["account_id"], r["left_fen"])
+            SourceToRefund(r["seq"], r["source"], r["account_id"], r["left_fen"])
             for r in await conn.fetch(_REFUNDABLE_SOURCES, settlement_id)
         ]
         plan = plan_refund(refund_fen, sources)
@@ -251,9 +252,11 @@ async def _refund_new(
             amount_fen=refund_fen,
             sources=[{"account_id": s.account_id, "amount_fen": take} for s, take in plan],
         )
-        refunded = [(s.seq, take) for s, take in plan]
-        await notices.shared_money_refunded(conn, settlement_id, refund_id, refunded, now)
-        drawn = [(s.account_id, fen) for s, fen in plan]  # the quotas among them: QUOTA_USED
+        # Only the sources that are relatives' money tell anyone: no statement for the rest.
+        refunded = [(s.seq, take) for s, take in plan if s.source == "giver"]
+        if refunded:
+            await notices.shared_money_refunded(conn, settlement_id, refund_id, refunded, now)
+        drawn = [(s.account_id, fen) for s, fen in plan if s.source == "quota"]
         await spend_notices.quotas_drawn(
             conn, "refunded", drawn, now, settlement_id=settlement_id, refund_id=refund_id
         )
