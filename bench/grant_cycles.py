@@ -58,11 +58,14 @@ from support import (  # noqa: E402
     DB,
     OPERATOR_TOKEN,
     add_node_root_arguments,
+    cpu_s,
     create_database,
     free_port,
     pct,
     pgbench,
+    postmaster_pid,
     resolve_node_root,
+    tree,
 )
 
 from nodes.embedded_pg import EmbeddedPostgres  # noqa: E402
@@ -86,6 +89,7 @@ PASSWORD = "135790"
 GIVER_BALANCE_FEN = 10**9  # never the bottleneck
 GRANT_FEN = 10_000
 POLL_S = 0.02  # the driver polls the databases for the next step at this pace
+QW = int(os.environ.get("QW", "150"))  # statement text shown
 
 
 @dataclass
@@ -508,6 +512,70 @@ async def phases(a: Node, b: Node, done: list[Cycle], auth: str) -> dict[str, li
     return out
 
 
+async def statements_reset(node: Node) -> None:
+    conn = await asyncpg.connect(node.dsn)
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        await conn.execute("SELECT pg_stat_statements_reset(), pg_stat_reset()")
+    finally:
+        await conn.close()
+
+
+_TOP_STATEMENTS = """
+SELECT calls, total_exec_time, rows, regexp_replace(query, '\\s+', ' ', 'g') AS query
+FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = $1)
+ORDER BY total_exec_time DESC
+"""
+
+
+async def print_statements(node: Node, cycles: int, top: int) -> None:
+    """What the node's database executed per cycle (`--statements`): calls (a pipelined
+    statement counts as one), commits, and the statements that took the most server time."""
+    conn = await asyncpg.connect(node.dsn)
+    try:
+        rows = await conn.fetch(_TOP_STATEMENTS, DB)
+        commits = await conn.fetchval(
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1", DB
+        )
+    finally:
+        await conn.close()
+    calls = sum(r["calls"] for r in rows)
+    exec_ms = sum(r["total_exec_time"] for r in rows)
+    print(
+        f"{node.node_id}: {calls / cycles:.1f} statements, {commits / cycles:.1f} transactions, "
+        f"{exec_ms / cycles:.2f} ms executing per cycle; the {top} costliest:"
+    )
+    for r in rows[:top]:
+        print(
+            f"  {r['calls'] / cycles:5.2f}/cycle {r['total_exec_time'] / cycles:6.3f} ms "
+            f"{r['rows'] / max(1, r['calls']):6.1f} rows  {r['query'][:QW]}"
+        )
+
+
+class CpuMeter:
+    """CPU seconds used by each node process, each PostgreSQL server (all its processes) and
+    this driver, from now until `per` is called."""
+
+    def __init__(self, nodes: dict[str, Node]) -> None:
+        self.pids: dict[str, list[int]] = {}
+        for node in nodes.values():
+            assert node.process is not None
+            self.pids[f"node {node.node_id}"] = tree(node.process.pid)
+            self.pids[f"PG {node.node_id}"] = [postmaster_pid(node.server)]
+        self.start = self._read()
+
+    def _read(self) -> dict[str, float]:
+        used = {name: cpu_s(tree(pids[0])) for name, pids in self.pids.items()}
+        used["driver"] = time.process_time()
+        return used
+
+    def per(self, count: int) -> dict[str, float]:
+        """ms per `count` (backends that exited in between are not counted: the pools keep
+        theirs)."""
+        end = self._read()
+        return {name: (end[name] - self.start[name]) * 1000 / count for name in end}
+
+
 def peak_rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -652,7 +720,15 @@ async def bench(args: argparse.Namespace) -> None:
     data = (ROOT / args.data_dir).resolve()
     if data.exists():
         shutil.rmtree(data)
-    nodes = {n: Node(n, free_port(), EmbeddedPostgres(data / n / "postgres")) for n in (A, B)}
+    settings = (
+        {"shared_preload_libraries": "pg_stat_statements", "pg_stat_statements.track": "all"}
+        if args.statements
+        else {}
+    )
+    nodes = {
+        n: Node(n, free_port(), EmbeddedPostgres(data / n / "postgres", settings=settings))
+        for n in (A, B)
+    }
     try:
         for node in nodes.values():
             node.server.start()
@@ -668,7 +744,15 @@ async def bench(args: argparse.Namespace) -> None:
         load_s = time.perf_counter() - t
         if args.warmup:
             await run_cycles(a, b, pairs, args.concurrency, args.warmup, args.auth)
+        if args.statements:
+            for node in nodes.values():
+                await statements_reset(node)
+        cpu = CpuMeter(nodes)
         done, elapsed = await run_cycles(a, b, pairs, args.concurrency, args.cycles, args.auth)
+        cpu_ms = cpu.per(len(done))
+        if args.statements:
+            for node in nodes.values():
+                await print_statements(node, len(done), args.statements)
         for node in nodes.values():
             assert node.process is not None
             node.peak_rss_kb = peak_rss_kb(node.process.pid)
@@ -685,7 +769,7 @@ async def bench(args: argparse.Namespace) -> None:
             tps = await asyncio.to_thread(
                 pgbench, a.server, args.concurrency, args.pgbench_seconds, args.pgbench_scale
             )
-        print_report(args, pairs, load_s, done, elapsed, measured, nodes, books, tps)
+        print_report(args, pairs, load_s, done, elapsed, measured, nodes, books, tps, cpu_ms)
         if args.expire:
             swept, acked, span = await mass_expiry(a, args.expire)
             print(
@@ -717,6 +801,7 @@ def print_report(
     nodes: dict[str, Node],
     books: list[tuple[str, bool]],
     tps: float,
+    cpu_ms: dict[str, float],
 ) -> None:
     print(f"machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; node {args.node_root}")
     print("durability: fsync=on, synchronous_commit=on on both servers (checked)")
@@ -736,6 +821,11 @@ def print_report(
         )
     for node in nodes.values():
         print(f"peak RSS {node.node_id}: {node.peak_rss_kb / 1024:.0f} MiB")
+    print(
+        "CPU per cycle: "
+        + ", ".join(f"{name} {ms:.2f} ms" for name, ms in cpu_ms.items())
+        + f" (all {sum(cpu_ms.values()):.1f} ms)"
+    )
     print("books balanced: " + ", ".join(f"{n} {'yes' if ok else 'NO'}" for n, ok in books))
     if tps:
         print(
@@ -764,6 +854,14 @@ def main() -> None:
     parser.add_argument("--pgbench-scale", type=int, default=10)
     parser.add_argument(
         "--expire", type=int, default=0, help="then expire this many grants at once (0: skip)"
+    )
+    parser.add_argument(
+        "--statements",
+        type=int,
+        default=0,
+        metavar="TOP",
+        help="load pg_stat_statements and print each database's statements per cycle and "
+        "its TOP costliest (0: off; it costs some server CPU)",
     )
     add_node_root_arguments(parser)
     parser.add_argument("--data-dir", default="data/bench")

@@ -61,11 +61,15 @@ from support import (  # noqa: E402
     DB,
     OPERATOR_TOKEN,
     add_node_root_arguments,
+    cpu_s,
     create_database,
     free_port,
     pct,
+    peak_rss_kb,
     pgbench,
+    postmaster_pid,
     resolve_node_root,
+    tree,
 )
 
 from nodes.embedded_pg import EmbeddedPostgres  # noqa: E402
@@ -75,7 +79,6 @@ NODE_ID, PROVINCE = "prov-13", "130000"
 BALANCE_FEN = 10**9  # never the bottleneck
 AMOUNT_FEN = 100
 CATEGORY = "outpatient"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -383,60 +386,6 @@ async def drive(
         for c in clients:
             c.close()
     return latencies, time.perf_counter() - started, statuses
-
-
-# --- /proc -------------------------------------------------------------------------------------
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            out.append(int(entry.name))
-    return out
-
-
-def tree(pid: int) -> list[int]:
-    """The process and all its descendants."""
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        found.append(p)
-        todo.extend(_children(p))
-    return found
-
-
-def cpu_s(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / CLK_TCK
-
-
-def peak_rss_kb(pids: list[int]) -> list[int]:
-    out = []
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    out.append(int(line.split()[1]))
-        except OSError:
-            continue
-    return out
-
-
-def postmaster_pid(server: EmbeddedPostgres) -> int:
-    return int((server.pgdata / "postmaster.pid").read_text().split()[0])
 
 
 # --- round trips -------------------------------------------------------------------------------

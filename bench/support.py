@@ -7,6 +7,7 @@ module is found beside them).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from nodes.embedded_pg import EmbeddedPostgres, pg_binary
 
 DB = "plt"
 OPERATOR_TOKEN = "op-bench"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -82,3 +84,57 @@ def resolve_node_root(args: argparse.Namespace, default_root: Path) -> None:
     args.node_python = args.node_python or (
         str(venv_python) if venv_python.exists() else sys.executable
     )
+
+
+# --- /proc -------------------------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            out.append(int(entry.name))
+    return out
+
+
+def tree(pid: int) -> list[int]:
+    """The process and all its descendants."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo.extend(_children(p))
+    return found
+
+
+def cpu_s(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLK_TCK
+
+
+def peak_rss_kb(pids: list[int]) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    out.append(int(line.split()[1]))
+        except OSError:
+            continue
+    return out
+
+
+def postmaster_pid(server: EmbeddedPostgres) -> int:
+    return int((server.pgdata / "postmaster.pid").read_text().split()[0])
