@@ -131,10 +131,16 @@ class Logged:
     dedup_key: str | None
 
 
+# One statement for a whole batch's envelopes (not one execution per envelope), in order.
 _LOG = """
 INSERT INTO plt_message
     (direction, from_node, to_node, typ, msg_id, dedup_key, body_hash, envelope, at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+SELECT m.direction, m.from_node, m.to_node, m.typ, m.msg_id, m.dedup_key, m.body_hash,
+       m.envelope, $9
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+            $7::text[], $8::bytea[]) WITH ORDINALITY
+    AS m(direction, from_node, to_node, typ, msg_id, dedup_key, body_hash, envelope, n)
+ORDER BY m.n
 ON CONFLICT (direction, msg_id) DO NOTHING
 """
 
@@ -154,22 +160,17 @@ async def log_messages(
     """Append envelopes to `plt_message` (a duplicate msg_id in one direction is kept once)."""
     if not entries:
         return
-    await executor.executemany(
+    await executor.execute(
         _LOG,
-        [
-            (
-                e.direction,
-                e.envelope.from_node,
-                e.envelope.to_node,
-                str(e.envelope.typ),
-                e.envelope.msg_id,
-                e.dedup_key,
-                body_hash(e.envelope.body),
-                e.wire_bytes,
-                at,
-            )
-            for e in entries
-        ],
+        [e.direction for e in entries],
+        [e.envelope.from_node for e in entries],
+        [e.envelope.to_node for e in entries],
+        [str(e.envelope.typ) for e in entries],
+        [e.envelope.msg_id for e in entries],
+        [e.dedup_key for e in entries],
+        [body_hash(e.envelope.body) for e in entries],
+        [e.wire_bytes for e in entries],
+        at,
     )
 
 
