@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -206,6 +207,32 @@ async def test_instruction_holds_the_amount_and_queues_prepare(
     )
     assert prepare.giver.masked_name == "张**"
     assert "张三丰" not in repr(prepare)
+    # The hold is the grant's, in the audit trail with the instruction's request id.
+    held = await db.fetchrow(
+        "SELECT t.amount_fen, t.phase, t.purpose, g.hold_ref FROM grant_out g"
+        " JOIN ledger_transfer t ON t.id = g.hold_id WHERE g.transfer_id = $1",
+        view["transfer_id"],
+    )
+    assert dict(held) == {
+        "amount_fen": 120_000,
+        "phase": "pending",
+        "purpose": "cross_province_grant",
+        "hold_ref": prepare.a_hold_id,
+    }
+    event = await db.fetchrow(
+        "SELECT actor, action, detail::text, request_id IS NOT NULL AS has_request_id"
+        " FROM audit_event WHERE subject = $1",
+        f"grant:{view['transfer_id']}",
+    )
+    assert event["actor"] == f"person:{giver.person_id}"
+    assert event["action"] == "grant.hold"
+    assert json.loads(event["detail"]) == {
+        "side": "giver",
+        "amount_fen": 120_000,
+        "peer": PEER,
+        "relation_id": prepare.relation.relation_id,
+    }
+    assert event["has_request_id"]
 
 
 async def test_the_same_instruction_again_returns_the_grant_and_holds_once(

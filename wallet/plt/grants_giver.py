@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -77,11 +78,12 @@ from protocol.messages import (
     encode_body,
 )
 from wallet import devices, ledger, metrics
+from wallet.audit import current_request_id
 from wallet.context import WalletContext
 from wallet.devices import DeviceSignature
 from wallet.errors import ErrorCode as WalletCode
 from wallet.errors import WalletError
-from wallet.plt import grants_sweep, notices, outbox, relations
+from wallet.plt import grants_sweep, notices, relations
 from wallet.plt.dispatch import Incoming, handles
 from wallet.plt.grants_base import (
     PURPOSE_GRANT,
@@ -99,8 +101,8 @@ from wallet.plt.grants_base import (
     retry_lost_races,
     to_ms,
 )
-from wallet.plt.links import relation_at_giver, sealed_envelope
-from wallet.plt.quota import clearing_account
+from wallet.plt.links import giver_relation_of, sealed_envelope
+from wallet.plt.quota import clearing_account, clearing_slot
 from wallet.privacy import mask_name
 from wallet.rules import ProvinceRules
 
@@ -120,29 +122,72 @@ version, created_at, decided_at
 _LOAD = f"SELECT {_COLUMNS} FROM grant_out WHERE transfer_id = $1"
 _LOAD_FOR_UPDATE = _LOAD + " FOR UPDATE"
 _LOAD_MANY = f"SELECT {_COLUMNS} FROM grant_out WHERE transfer_id = ANY($1::text[])"
-_LOCK_GIVER = "SELECT pg_advisory_xact_lock($1, $2)"
-_GIVER = """
-SELECT p.scheme, p.status, p.name, p.personal_account_id, w.state AS wallet_state
-FROM insured_person p LEFT JOIN wallet w ON w.person_id = p.id
-WHERE p.id = $1
+# An instruction is five round trips: this lock (with any grant already under the id), the
+# context, the accounts' lock, the write, and COMMIT.
+_LOCK_GIVER = f"""
+SELECT g.* FROM (SELECT pg_advisory_xact_lock($2, $3)) AS locked
+LEFT JOIN LATERAL (
+    SELECT {_COLUMNS} FROM grant_out WHERE transfer_id = $1 FOR UPDATE
+) AS g ON true
 """
-_COUNT_TODAY = """
-SELECT count(*) FROM grant_out
-WHERE giver_person_id = $1 AND local_day = $2 AND state IN ('PREPARED_A', 'COMMITTED')
+# Read after the giver's lock (a statement of its own, so its snapshot sees every grant of
+# the giver committed before): the giver, the relationship (share-locked), and what the rules
+# of RULES 13 count. `due_to` is the clearing sub-account's id if it exists (its code as
+# `quota.clearing_code` writes it; missing, it is opened on demand).
+_CONTEXT = """
+SELECT p.scheme, p.status, p.name, p.personal_account_id, w.state AS wallet_state,
+       r.relation_id, r.person_id, r.peer_node, r.other_ref, r.relation_type, r.state,
+       r.filed_at,
+       EXISTS (SELECT 1 FROM peer_link f WHERE f.node = r.peer_node) AS peer_frozen,
+       (SELECT count(*) FROM grant_out g
+        WHERE g.giver_person_id = $1 AND g.local_day = $3
+          AND g.state IN ('PREPARED_A', 'COMMITTED')) AS today,
+       EXISTS (SELECT 1 FROM grant_out g
+               WHERE g.giver_person_id = $1 AND g.to_node = r.peer_node
+                 AND g.receiver_account_ref = r.other_ref AND g.state = 'PREPARED_A')
+           AS pair_pending,
+       (SELECT a.id FROM account a WHERE a.code = 'due_to:' || r.peer_node || ':' || $4)
+           AS due_to
+FROM (SELECT $1::bigint AS id) AS me
+LEFT JOIN insured_person p ON p.id = me.id
+LEFT JOIN wallet w ON w.person_id = p.id
+LEFT JOIN LATERAL (
+    SELECT relation_id, person_id, peer_node, other_ref, relation_type, state, filed_at
+    FROM cross_relationship WHERE side = 'giver' AND relation_id = $2
+    FOR SHARE
+) AS r ON true
 """
-_PAIR_PENDING = """
-SELECT 1 FROM grant_out
-WHERE giver_person_id = $1 AND to_node = $2 AND receiver_account_ref = $3 AND state = 'PREPARED_A'
-"""
-_PEER_FROZEN = "SELECT 1 FROM peer_link WHERE node = $1"
-_INSERT = """
-INSERT INTO grant_out
-    (transfer_id, request_hash, relation_id, giver_person_id, to_node, receiver_account_ref,
-     amount_fen, state, reject_code, local_day, decide_by, hold_ref, hold_id, prepare,
-     prepare_hash, window_id, created_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
-ON CONFLICT (transfer_id) DO NOTHING
-RETURNING transfer_id
+# The grant, its hold (guarded by the no-overdraft CHECK; under the accounts' lock and the
+# balance read there it cannot miss), the hold's audit event and the PREPARE, in one
+# statement; nothing is held or sent for a rejected one ($17 and $23 NULL). The hold is in
+# the ledger before the grant_out row's checks run (at the end of the statement). A lost race
+# for the id (no row returned) is rolled back whole by the caller.
+_WRITE = f"""
+WITH hold AS (
+    INSERT INTO ledger_transfer (debit_account_id, credit_account_id, amount_fen, phase, purpose)
+    SELECT $17, $18, $7, 'pending', $19 WHERE $17::bigint IS NOT NULL
+    RETURNING id
+), audited AS (
+    INSERT INTO audit_event (at, actor, action, subject, request_id, detail)
+    SELECT $16, $20, 'grant.hold', 'grant:' || $1, $21, $22::jsonb FROM hold
+), inserted AS (
+    INSERT INTO grant_out
+        (transfer_id, request_hash, relation_id, giver_person_id, to_node, receiver_account_ref,
+         amount_fen, state, reject_code, local_day, decide_by, hold_ref, hold_id, prepare,
+         prepare_hash, window_id, created_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, (SELECT id FROM hold), $13,
+            $14, $15, $16)
+    ON CONFLICT (transfer_id) DO NOTHING
+    RETURNING {_COLUMNS}
+), queued AS (
+    INSERT INTO plt_outbox
+        (to_node, typ, dedup_key, body, created_at, next_attempt_at, give_up_at)
+    SELECT $5, 'PREPARE', $1, $23, $16, $16, $11 FROM inserted WHERE $23::bytea IS NOT NULL
+    ON CONFLICT (to_node, typ, dedup_key) DO NOTHING
+    RETURNING id
+)
+SELECT i.*, (SELECT count(pg_notify('plt_outbox', '')) FROM queued) AS queued
+FROM inserted AS i
 """
 _SAVE = """
 UPDATE grant_out
@@ -477,16 +522,22 @@ async def _instruct_once(
     now = ctx.clock.now()
     now_ms = to_ms(now)
     rules = ctx.rules
+    local = now.astimezone(ZoneInfo(rules.timezone))
+    slot = clearing_slot(transfer_id)
     async with ctx.pool.acquire() as conn, conn.transaction():
-        await conn.execute(_LOCK_GIVER, _ADVISORY_CLASS, giver_person_id % 2_147_483_647)
-        existing = await conn.fetchrow(_LOAD_FOR_UPDATE, transfer_id)
-        if existing is not None:
+        existing = await conn.fetchrow(
+            _LOCK_GIVER, transfer_id, _ADVISORY_CLASS, giver_person_id % 2_147_483_647
+        )
+        if existing is not None and existing["transfer_id"] is not None:
             return _replay(existing, giver_person_id, wanted_hash, relation_id, amount_fen)
         if stale is not None:  # a new grant needs a fresh signature; a replay did not
             raise stale
-        person = await conn.fetchrow(_GIVER, giver_person_id)
-        _check_giver(person)
-        relation = await relation_at_giver(conn, relation_id)
+        context = await conn.fetchrow(
+            _CONTEXT, giver_person_id, relation_id, local.date(), f"{slot:02d}"
+        )
+        assert context is not None  # one row, whatever exists
+        _check_giver(context)
+        relation = giver_relation_of(context)
         if relation is None or relation.giver_person_id != giver_person_id:
             raise WalletError(WalletCode.NOT_FOUND, f"no relationship {relation_id} of yours")
         if not relation.active:
@@ -496,25 +547,25 @@ async def _instruct_once(
                 plt_code=int(ErrorCode.GIVER_PERMISSION),
                 rule="relationship_active",
             )
-        if await conn.fetchval(_PEER_FROZEN, relation.receiver_node) is not None:
+        if context["peer_frozen"]:
             raise WalletError(
                 WalletCode.SERVICE_UNAVAILABLE,
                 "grants to the receiver's province are suspended; try again later",
                 plt_code=int(ErrorCode.UNAVAILABLE),
             )
-        personal: int = person["personal_account_id"]
-        due_to = await clearing_account(conn, "due_to", relation.receiver_node, transfer_id)
-        await ledger.lock_accounts(conn, [personal, due_to])
+        personal: int = context["personal_account_id"]
+        due_to: int = context["due_to"] or await clearing_account(
+            conn, "due_to", relation.receiver_node, transfer_id
+        )
+        available = (await ledger.lock_balances(conn, [personal, due_to]))[personal].available_fen
 
-        local = now.astimezone(ZoneInfo(rules.timezone))
         decide_by_ms = next_0600(now_ms, rules.timezone, rules.grant_expiry_hour)
-        hold_ref = uuid7()
         prepare = Prepare(
             transfer_id=transfer_id,
             giver=GiverRef(
                 node=ctx.node_id,
                 account_ref=relations.giver_account_ref(giver_person_id),
-                masked_name=mask_name(person["name"])[:64],
+                masked_name=mask_name(context["name"])[:64],
             ),
             receiver=ReceiverRef(account_id=relation.receiver_account_ref),
             relation=RelationRef(
@@ -528,10 +579,7 @@ async def _instruct_once(
             accept_within_ms=decide_by_ms - now_ms,
             window_id=window_id(now_ms, rules.timezone),
             user_auth=user_auth,
-            a_hold_id=hold_ref,
-        )
-        rejection = await _rule_refusal(
-            conn, rules, giver_person_id, relation, amount_fen, local, personal
+            a_hold_id=uuid7(),
         )
         event = giver.Instruct(
             prepare=prepare,
@@ -539,34 +587,16 @@ async def _instruct_once(
             to_node=relation.receiver_node,
             decide_by_ms=decide_by_ms,
             now_ms=now_ms,
-            rejection=rejection,
+            rejection=_rule_refusal(rules, context, amount_fen, local, available),
         )
         new, effects = giver.step(None, event)
         assert new is not None
-        hold_id: int | None = None
-        for effect in effects:
-            if isinstance(effect, HoldGiver):
-                # Guarded by the no-overdraft CHECK; under the account lock it cannot miss.
-                hold_id = await ledger.hold(
-                    conn,
-                    debit_account_id=personal,
-                    credit_account_id=due_to,
-                    amount_fen=effect.amount_fen,
-                    purpose=PURPOSE_GRANT,
-                )
-                await audit_money(
-                    conn,
-                    at=now,
-                    action="grant.hold",
-                    transfer_id=transfer_id,
-                    side="giver",
-                    amount_fen=effect.amount_fen,
-                    actor=f"person:{giver_person_id}",
-                    peer=relation.receiver_node,
-                    relation_id=relation_id,
-                )
-        inserted = await conn.fetchval(
-            _INSERT,
+        held = next((e.amount_fen for e in effects if isinstance(e, HoldGiver)), None)
+        sent = next((e for e in effects if isinstance(e, Send)), None)
+        assert held is None or held == amount_fen
+        assert sent is None or (sent.typ, sent.to_node) == (MessageType.PREPARE, event.to_node)
+        row = await conn.fetchrow(
+            _WRITE,
             transfer_id,
             wanted_hash,
             relation_id,
@@ -578,42 +608,43 @@ async def _instruct_once(
             None if new.reject_code is None else int(new.reject_code),
             local.date(),
             from_ms(decide_by_ms),
-            hold_ref,
-            hold_id,
+            prepare.a_hold_id,
             encode_body(prepare),
             new.prepare_hash,
             prepare.window_id,
             now,
+            # The hold and its audit event (grants_base.audit_money's fields), if any.
+            None if held is None else personal,
+            due_to,
+            PURPOSE_GRANT,
+            f"person:{giver_person_id}",
+            current_request_id(),
+            json.dumps(
+                {
+                    "side": "giver",
+                    "amount_fen": amount_fen,
+                    "peer": relation.receiver_node,
+                    "relation_id": relation_id,
+                }
+            ),
+            # The PREPARE; its retries stop at the deadline (PROTOCOL b.7).
+            None if sent is None else encode_body(sent.body),
         )
-        if inserted is None:
+        if row is None:
             raise LostRace  # another giver's request took this id first; replay it
-        for effect in effects:
-            if isinstance(effect, Send):
-                # PREPARE retries stop at the deadline (PROTOCOL b.7).
-                await outbox.enqueue(
-                    conn,
-                    to_node=effect.to_node,
-                    typ=effect.typ,
-                    key=transfer_id,
-                    body=encode_body(effect.body),
-                    now=now,
-                    give_up_at=from_ms(decide_by_ms),
-                )
         log.info(
             "grant_instructed",
             transfer_id=transfer_id,
             to_node=relation.receiver_node,
             amount_fen=amount_fen,
             state=new.state.value,
-            code=None if rejection is None else int(rejection),
+            code=None if new.reject_code is None else int(new.reject_code),
         )
-        row = await conn.fetchrow(_LOAD, transfer_id)
-        assert row is not None
         return row
 
 
-def _check_giver(person: asyncpg.Record | None) -> None:
-    if person is None or person["wallet_state"] != "open":
+def _check_giver(person: asyncpg.Record) -> None:
+    if person["wallet_state"] != "open":
         raise WalletError(WalletCode.PERSON_NOT_ELIGIBLE, "the giver has no open wallet")
     if person["scheme"] != "employee" or person["personal_account_id"] is None:
         raise WalletError(
@@ -625,30 +656,24 @@ def _check_giver(person: asyncpg.Record | None) -> None:
         )
 
 
-async def _rule_refusal(
-    conn: asyncpg.Connection,
+def _rule_refusal(
     rules: ProvinceRules,
-    giver_person_id: int,
-    relation: Any,
+    context: asyncpg.Record,
     amount_fen: int,
     local: dt.datetime,
-    personal_account_id: int,
+    available_fen: int,
 ) -> ErrorCode | None:
-    """The first rule of RULES 13 (and the balance) the instruction breaks, or None."""
+    """The first rule of RULES 13 (and the balance) the instruction breaks, or None; from the
+    counts `_CONTEXT` read under the giver's lock and the balance read under the account's."""
     if in_blackout(local, rules):
         return ErrorCode.GIVER_PERMISSION
     if amount_fen > rules.grant_max_fen:
         return ErrorCode.GIVER_LIMIT
-    today = await conn.fetchval(_COUNT_TODAY, giver_person_id, local.date())
-    if today >= rules.grants_per_giver_per_day:
+    if context["today"] >= rules.grants_per_giver_per_day:
         return ErrorCode.GIVER_LIMIT
-    pending = await conn.fetchval(
-        _PAIR_PENDING, giver_person_id, relation.receiver_node, relation.receiver_account_ref
-    )
-    if pending is not None:
+    if context["pair_pending"]:
         return ErrorCode.GIVER_LIMIT
-    available = (await ledger.balance(conn, personal_account_id)).available_fen
-    if available < amount_fen:
+    if available_fen < amount_fen:
         return ErrorCode.GIVER_INSUFFICIENT_BALANCE
     return None
 

@@ -56,7 +56,12 @@ class RelationAtReceiver(msgspec.Struct, frozen=True):
 
 async def relation_at_giver(conn: asyncpg.Connection, relation_id: str) -> RelationAtGiver | None:
     """The giver-side row of a relationship (None if unknown or not confirmed yet)."""
-    row = await conn.fetchrow(_AT_GIVER, relation_id)
+    return giver_relation_of(await conn.fetchrow(_AT_GIVER, relation_id))
+
+
+def giver_relation_of(row: asyncpg.Record | None) -> RelationAtGiver | None:
+    """A giver-side row (the columns of `_AT_GIVER`, read by another statement too) as a
+    RelationAtGiver; None if there is no row or the relationship is not confirmed yet."""
     if row is None or row["other_ref"] is None or row["relation_type"] is None:
         return None
     return RelationAtGiver(
