@@ -166,10 +166,11 @@ UPDATE notification n SET push_next_at = $1 + make_interval(secs => $3::float8)
 FROM due WHERE n.id = due.id
 RETURNING n.person_id, n.push_attempts, {", ".join("n." + c.strip() for c in notifications.COLUMNS.split(","))}
 """
+# Every row of a pass that was delivered, in one statement.
 _SENT = """
 UPDATE notification SET push_state = 'sent', push_done_at = $2, push_attempts = push_attempts + 1,
     push_last_error = NULL
-WHERE id = $1 AND push_state = 'pending'
+WHERE id = ANY($1::bigint[]) AND push_state = 'pending'
 """
 _FAILED = """
 UPDATE notification
@@ -197,9 +198,16 @@ async def run_once(ctx: WalletContext) -> int:
         return 0
     sender = sender_of(ctx)
     results = await asyncio.gather(*(_push(ctx, sender, row) for row in rows))
-    async with ctx.pool.acquire() as conn, conn.transaction():
+    # Each row's outcome stands alone: no transaction around them, one statement for all the
+    # delivered ones (the usual case) and one per failure.
+    now = ctx.clock.now()
+    async with ctx.pool.acquire() as conn:
+        sent = [row["id"] for row, error in zip(rows, results, strict=True) if error is None]
+        if sent:
+            await conn.execute(_SENT, sent, now)
         for row, error in zip(rows, results, strict=True):
-            await _settle(conn, config, row, error, ctx.clock.now())
+            if error is not None:
+                await _failed(conn, config, row, error, now)
     return len(rows)
 
 
@@ -217,16 +225,13 @@ async def _push(ctx: WalletContext, sender: PushSender, row: asyncpg.Record) -> 
     return None
 
 
-async def _settle(
+async def _failed(
     conn: asyncpg.Connection,
     config: NotificationSettings,
     row: asyncpg.Record,
-    error: str | None,
+    error: str,
     now: dt.datetime,
 ) -> None:
-    if error is None:
-        await conn.execute(_SENT, row["id"], now)
-        return
     attempts = row["push_attempts"] + 1
     await conn.execute(
         _FAILED, row["id"], now, error, backoff_s(config, attempts), config.push_attempts_max

@@ -307,3 +307,44 @@ async def test_replicas_share_the_backlog_and_push_each_row_once(
     assert handled == [5, 5]
     assert sorted(senders[0].ids + senders[1].ids) == list(range(1, 11))
     assert await push_rows(db) == [("sent", 1, None)] * 10
+
+
+@dataclass
+class FailsFor:
+    """A push service that refuses the pushes to one recipient and takes the others."""
+
+    recipient: str
+    taken: list[str] = field(default_factory=list)
+
+    async def send(self, message: push.PushMessage) -> None:
+        if message.recipient == self.recipient:
+            raise push.PushFailed("recipient unknown to the vendor")
+        self.taken.append(message.recipient)
+
+
+async def test_one_failed_push_in_a_pass_leaves_the_delivered_ones_sent(
+    client: Client,
+    otp: RecordingOtpSender,
+    database_url: str,
+    clock: ManualClock,
+    db: asyncpg.Connection,
+) -> None:
+    await member(client, otp, 1, "张三丰", fen=8_800)
+    await member(client, otp, 2, "李四", fen=100)
+    await member(client, otp, 3, "王五", fen=200)
+    people = [
+        r["person_id"] for r in await db.fetch("SELECT person_id FROM notification ORDER BY id")
+    ]
+    assert len(people) == 3
+    failing = FailsFor(f"person-{people[1]}")
+    async with wallet_context(database_url, clock, otp) as ctx:
+        push.use_sender(ctx, failing)
+        assert await push.run_once(ctx) == 3
+    assert sorted(failing.taken) == sorted(f"person-{p}" for p in (people[0], people[2]))
+    assert await push_rows(db) == [
+        ("sent", 1, None),
+        ("pending", 1, "PushFailed('recipient unknown to the vendor')"),
+        ("sent", 1, None),
+    ]
+    done = await db.fetch("SELECT push_done_at FROM notification ORDER BY id")
+    assert [r["push_done_at"] for r in done] == [clock.now(), None, clock.now()]
