@@ -317,8 +317,11 @@ async def _apply(
     now: dt.datetime,
     *,
     subject: str,
+    offer: notices.Offer | None = None,
 ) -> Body | None:
-    """Execute a step's effects (not HoldQuota: PREPARE does that) and store the new state."""
+    """Execute a step's effects (not HoldQuota: PREPARE does that) and store the new state.
+
+    `offer`: what the receiver's notices tell, when the row is not `row` (just inserted)."""
     reply: Body | None = None
     posted = False
     notify: list[str] = []
@@ -357,12 +360,29 @@ async def _apply(
         await _save(conn, row, new, now)
     if posted and row is not None:
         await _close_if_relation_ended(ctx, conn, row, now)
+    if notify:
+        assert new is not None
+        offer = offer or _offer(row, new)
     for kind in notify:
         assert new is not None
-        await notices.to_receiver(
-            ctx, conn, new.from_node, subject, kind, now, plt_code=_code_of(new)
-        )
+        await notices.to_receiver(ctx, conn, offer, kind, now, plt_code=_code_of(new))
     return reply
+
+
+def _offer(row: asyncpg.Record | None, new: ReceiverTransfer) -> notices.Offer | None:
+    """The receiver's notices' facts of a stored grant_in row; None without a receiver of
+    ours (a tombstone, a refused PREPARE)."""
+    if row is None or row["receiver_person_id"] is None:
+        return None
+    return notices.Offer(
+        from_node=new.from_node,
+        transfer_id=new.transfer_id,
+        receiver_person_id=row["receiver_person_id"],
+        amount_fen=row["amount_fen"],
+        accept_by=row["accept_by"],
+        relation_id=row["relation_id"],
+        giver_masked_name=None if new.prepare is None else new.prepare.giver.masked_name,
+    )
 
 
 def _code_of(state: ReceiverTransfer) -> int | None:
@@ -458,6 +478,20 @@ async def _prepare_once(
                 relation_id=prepare.relation.relation_id,
             )  # fmt: skip
     received = new.prepare_reply
+    accept_by = from_ms(accept_deadline_ms(now_ms, prepare.accept_within_ms, ACCEPT_MARGIN_MS))
+    offer = (
+        None
+        if relation is None
+        else notices.Offer(
+            from_node=msg.from_node,
+            transfer_id=tid,
+            receiver_person_id=relation.receiver_person_id,
+            amount_fen=prepare.amount_fen,
+            accept_by=accept_by,
+            relation_id=prepare.relation.relation_id,
+            giver_masked_name=prepare.giver.masked_name,
+        )
+    )
     inserted = await conn.fetchval(
         _INSERT,
         msg.from_node,
@@ -467,7 +501,7 @@ async def _prepare_once(
         prepare.relation.relation_id,
         None if relation is None else relation.receiver_person_id,
         prepare.amount_fen,
-        from_ms(accept_deadline_ms(now_ms, prepare.accept_within_ms, ACCEPT_MARGIN_MS)),
+        accept_by,
         encode_body(prepare),
         msg.body_hash,
         _reply_typ(received),
@@ -497,7 +531,7 @@ async def _prepare_once(
             now=now,
         )
     rest = tuple(e for e in effects if not isinstance(e, HoldQuota))
-    reply = await _apply(ctx, conn, None, None, new, rest, now, subject=tid)
+    reply = await _apply(ctx, conn, None, None, new, rest, now, subject=tid, offer=offer)
     log.info(
         "grant_prepared",
         transfer_id=tid,

@@ -16,12 +16,11 @@ from collections.abc import Sequence
 from typing import Literal
 
 import asyncpg
+import msgspec
 
 from protocol.errors import ErrorCode
-from protocol.messages import MessageType, Prepare
 from wallet.context import WalletContext
 from wallet.notifications import Kind, Notice, record_many
-from wallet.plt.grants_base import decode
 from wallet.plt.relations_store import CrossRelation
 from wallet.privacy import mask_name
 
@@ -39,10 +38,6 @@ _ABORT_KINDS = {
     int(ErrorCode.RECEIVER_DECLINED): Kind.GRANT_DECLINED,
 }
 
-_GRANT_IN = """
-SELECT receiver_person_id, amount_fen, accept_by, relation_id, prepare
-FROM grant_in WHERE from_node = $1 AND transfer_id = $2
-"""
 _GRANTS_OUT = """
 SELECT g.transfer_id, g.giver_person_id, g.amount_fen, g.relation_id, g.to_node,
        c.other_name, c.other_province
@@ -61,11 +56,23 @@ def _province(ctx: WalletContext, node: str) -> str | None:
     return None if ctx.plt is None else ctx.plt.province_of(node)
 
 
+class Offer(msgspec.Struct, frozen=True, kw_only=True):
+    """What B's notices tell about a grant of one of our persons (the step that notifies has
+    its grant_in row at hand)."""
+
+    from_node: str
+    transfer_id: str
+    receiver_person_id: int
+    amount_fen: int
+    accept_by: dt.datetime
+    relation_id: str
+    giver_masked_name: str | None
+
+
 async def to_receiver(
     ctx: WalletContext,
     conn: asyncpg.Connection,
-    from_node: str,
-    transfer_id: str,
+    offer: Offer | None,
     kind: str,
     now: dt.datetime,
     *,
@@ -73,21 +80,19 @@ async def to_receiver(
 ) -> None:
     """B's `NotifyReceiver`: the receiver's grant was offered (with the time to accept by),
     became spendable, or went back to the giver."""
-    row = await conn.fetchrow(_GRANT_IN, from_node, transfer_id)
-    if row is None or row["receiver_person_id"] is None:
+    if offer is None:
         return  # a tombstone or a refused PREPARE: nobody of ours to tell
     notice_kind = _RECEIVER_KINDS[kind]
-    prepare = decode(MessageType.PREPARE, row["prepare"])
-    giver = prepare.giver.masked_name if isinstance(prepare, Prepare) else None
+    from_node, transfer_id = offer.from_node, offer.transfer_id
     notice = Notice(
-        person_id=row["receiver_person_id"],
+        person_id=offer.receiver_person_id,
         kind=notice_kind,
         event_key=f"grant:{from_node}/{transfer_id}:{notice_kind.value}",
-        amount_fen=row["amount_fen"],
-        counterpart_name_masked=giver,
+        amount_fen=offer.amount_fen,
+        counterpart_name_masked=offer.giver_masked_name,
         counterpart_province=_province(ctx, from_node),
-        deadline=row["accept_by"] if notice_kind is Kind.GRANT_OFFERED else None,
-        refs={"transfer_id": transfer_id, "relation_id": row["relation_id"]},
+        deadline=offer.accept_by if notice_kind is Kind.GRANT_OFFERED else None,
+        refs={"transfer_id": transfer_id, "relation_id": offer.relation_id},
         detail={} if plt_code is None else {"plt_code": plt_code},
     )
     await record_many(conn, [notice], now)

@@ -146,19 +146,23 @@ def clearing_code(kind: ClearingKind, node: str, slot: int) -> str:
 
 
 async def open_account_on_demand(
-    conn: asyncpg.Connection, kind: ledger.AccountKind, code: str
+    conn: asyncpg.Connection, kind: ledger.AccountKind, code: str, *, new_expected: bool = False
 ) -> int:
-    """The id of account `code`, opened now if it does not exist yet (race-safe)."""
-    found: int | None = await conn.fetchval(_ACCOUNT_BY_CODE, code)
-    if found is not None:
-        return found
+    """The id of account `code`, opened now if it does not exist yet (race-safe).
+
+    `new_expected`: try to open it first (one round trip for an account that is new almost
+    every time, a grant's quota; a replayed step finds it with a second)."""
+    if not new_expected:
+        found: int | None = await conn.fetchval(_ACCOUNT_BY_CODE, code)
+        if found is not None:
+            return found
     no_overdraft = kind in ("personal", "institution", "quota")
     opened: int | None = await conn.fetchval(_OPEN_ACCOUNT, kind, code, no_overdraft)
     if opened is not None:
         return opened
-    found = await conn.fetchval(_ACCOUNT_BY_CODE, code)
-    assert found is not None, f"account {code} vanished"
-    return found
+    existing: int | None = await conn.fetchval(_ACCOUNT_BY_CODE, code)
+    assert existing is not None, f"account {code} vanished"
+    return existing
 
 
 async def clearing_account(
@@ -206,7 +210,9 @@ async def open_pending_quota(
     Returns (quota account id, hold id). The quota row itself is written after the grant
     row (it references it) by `insert_quota`.
     """
-    account_id = await open_account_on_demand(conn, "quota", quota_code(from_node, transfer_id))
+    account_id = await open_account_on_demand(
+        conn, "quota", quota_code(from_node, transfer_id), new_expected=True
+    )
     due_from = await clearing_account(conn, "due_from", from_node, transfer_id)
     hold_id = await ledger.hold(
         conn,
