@@ -10,6 +10,7 @@ executes its hold and notification effects itself and hands the rest here).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 from typing import TypeVar
@@ -126,6 +127,106 @@ async def execute_common_effect(
             pass
         case _:
             raise AssertionError(f"unexpected effect at {side}: {effect!r}")
+
+
+# --- a step's row and its outbox rows in one statement ------------------------------------------
+
+
+class OutboxWrites:
+    """A step's Send and StopRetries effects, written with its row by `save_with_outbox`
+    (one statement, not one per effect) when the step saves a row; `execute_common_effect`
+    writes them otherwise."""
+
+    def __init__(self) -> None:
+        self.sends: list[Send] = []
+        self.stops: list[StopRetries] = []
+
+    def take(self, effect: Effect) -> bool:
+        """Keep `effect` if it is a Send or a StopRetries; False for any other effect."""
+        match effect:
+            case Send():
+                self.sends.append(effect)
+            case StopRetries():
+                self.stops.append(effect)
+            case _:
+                return False
+        return True
+
+    async def execute(
+        self, conn: asyncpg.Connection, now: dt.datetime, *, subject: str, peer: str | None
+    ) -> None:
+        """Write them without a row to save (each as `execute_common_effect` does)."""
+        for stop in self.stops:
+            assert peer is not None
+            await outbox.stop(conn, to_node=peer, typ=stop.typ, key=subject, now=now)
+        for send in self.sends:
+            await outbox.enqueue(
+                conn,
+                to_node=send.to_node,
+                typ=send.typ,
+                key=subject,
+                body=encode_body(send.body),
+                now=now,
+            )
+
+
+@functools.cache
+def _with_outbox(save_sql: str, save_params: int) -> str:
+    """`save_sql` (an UPDATE ... RETURNING version with $1..$save_params) wrapped with the
+    outbox writes of `outbox.stop` and `outbox.enqueue` for the same key, as one statement."""
+    p = [f"${save_params + i}" for i in range(1, 8)]
+    stop_typs, stop_node, send_nodes, send_typs, send_bodies, key, now = p
+    return f"""
+WITH saved AS ({save_sql.strip()}),
+stopped AS (
+    UPDATE plt_outbox SET done_at = {now}
+    WHERE to_node = {stop_node} AND typ = ANY({stop_typs}::text[]) AND dedup_key = {key}
+      AND done_at IS NULL
+),
+queued AS (
+    INSERT INTO plt_outbox (to_node, typ, dedup_key, body, created_at, next_attempt_at)
+    SELECT q.to_node, q.typ, {key}, q.body, {now}, {now}
+    FROM unnest({send_nodes}::text[], {send_typs}::text[], {send_bodies}::bytea[])
+        WITH ORDINALITY AS q(to_node, typ, body, n)
+    ORDER BY q.n
+    ON CONFLICT (to_node, typ, dedup_key) DO NOTHING
+    RETURNING id
+)
+SELECT (SELECT version FROM saved) AS version,
+       (SELECT count(pg_notify('plt_outbox', '')) FROM queued) AS queued
+"""
+
+
+async def save_with_outbox(
+    conn: asyncpg.Connection,
+    save_sql: str,
+    save_args: tuple[object, ...],
+    writes: OutboxWrites,
+    now: dt.datetime,
+    *,
+    subject: str,
+    peer: str | None,
+) -> object:
+    """Run `save_sql` with `save_args` and return its version (None: no row), writing the
+    step's outbox rows (under the key `subject`; stops are for `peer`) in the same statement.
+    The rows are those of `outbox.enqueue` and `outbox.stop`, the NOTIFY that wakes the
+    senders included."""
+    if not writes.sends and not writes.stops:
+        return await conn.fetchval(save_sql, *save_args)
+    assert not writes.stops or peer is not None
+    row = await conn.fetchrow(
+        _with_outbox(save_sql, len(save_args)),
+        *save_args,
+        [s.typ.value for s in writes.stops],
+        peer,
+        [s.to_node for s in writes.sends],
+        [s.typ.value for s in writes.sends],
+        [encode_body(s.body) for s in writes.sends],
+        subject,
+        now,
+    )
+    assert row is not None
+    return row["version"]
 
 
 async def audit_money(

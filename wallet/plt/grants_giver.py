@@ -90,6 +90,7 @@ from wallet.plt.grants_base import (
     PURPOSE_GRANT_RETURNED,
     PURPOSE_QUOTA_RELEASED,
     LostRace,
+    OutboxWrites,
     audit_money,
     decode,
     encode,
@@ -99,6 +100,7 @@ from wallet.plt.grants_base import (
     log,
     raise_alert,
     retry_lost_races,
+    save_with_outbox,
     to_ms,
 )
 from wallet.plt.links import giver_relation_of, sealed_envelope
@@ -352,9 +354,21 @@ def _save_args(row: asyncpg.Record, new: GiverTransfer, now: dt.datetime) -> tup
 
 
 async def _save(
-    conn: asyncpg.Connection, row: asyncpg.Record, new: GiverTransfer, now: dt.datetime
+    conn: asyncpg.Connection,
+    row: asyncpg.Record,
+    new: GiverTransfer,
+    now: dt.datetime,
+    writes: OutboxWrites,
 ) -> None:
-    saved = await conn.fetchval(_SAVE, *_save_args(row, new, now))
+    saved = await save_with_outbox(
+        conn,
+        _SAVE,
+        _save_args(row, new, now),
+        writes,
+        now,
+        subject=new.transfer_id,
+        peer=row["to_node"],
+    )
     if saved is None:  # the row is locked FOR UPDATE: this cannot happen, so never trust it
         raise AssertionError(f"grant_out {new.transfer_id} changed under its lock")
 
@@ -373,7 +387,10 @@ async def _apply(
     """Execute a step's effects and store the new state; return the Reply body, if any."""
     reply: Body | None = None
     peer = None if row is None else row["to_node"]  # the receiver's node
+    writes = OutboxWrites()  # written with the row, in one statement
     for effect in effects:
+        if writes.take(effect):
+            continue
         match effect:
             case PostHold() | VoidHold():
                 assert row is not None and row["hold_id"] is not None
@@ -396,12 +413,14 @@ async def _apply(
                 await notices.to_givers(conn, [(subject, effect.state, _code_of(new))], now)
             case Reply():
                 reply = effect.body
-            case _:  # Send, StopRetries, Alert, StoreEvidence
+            case _:  # Alert, StoreEvidence
                 await execute_common_effect(
                     conn, effect, now, subject=subject, peer=peer, node=ctx.node_id, side="A"
                 )
     if row is not None and new is not None and new != old:
-        await _save(conn, row, new, now)
+        await _save(conn, row, new, now, writes)
+    else:
+        await writes.execute(conn, now, subject=subject, peer=peer)
     return reply
 
 

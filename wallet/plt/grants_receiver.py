@@ -76,6 +76,7 @@ from wallet.plt.grants_base import (
     PURPOSE_QUOTA,
     PURPOSE_QUOTA_RETURNED,
     LostRace,
+    OutboxWrites,
     audit_money,
     decode,
     encode,
@@ -85,6 +86,7 @@ from wallet.plt.grants_base import (
     log,
     raise_alert,
     retry_lost_races,
+    save_with_outbox,
     to_ms,
 )
 from wallet.plt.links import RelationAtReceiver, open_peer_envelope, relation_at_receiver
@@ -276,13 +278,16 @@ def _vote_typ(body: Body | None) -> str | None:
 
 
 async def _save(
-    conn: asyncpg.Connection, row: asyncpg.Record, new: ReceiverTransfer, now: dt.datetime
+    conn: asyncpg.Connection,
+    row: asyncpg.Record,
+    new: ReceiverTransfer,
+    now: dt.datetime,
+    writes: OutboxWrites,
 ) -> None:
     decided_at = row["decided_at"]
     if decided_at is None and (new.decision is not None or new.presumed_abort):
         decided_at = now
-    saved = await conn.fetchval(
-        _SAVE,
+    args = (
         new.from_node,
         new.transfer_id,
         row["version"],
@@ -302,6 +307,9 @@ async def _save(
         [encode_body(d) for d in new.conflicting],
         new.presumed_abort,
         decided_at,
+    )
+    saved = await save_with_outbox(
+        conn, _SAVE, args, writes, now, subject=new.transfer_id, peer=new.from_node
     )
     if saved is None:  # the row is locked FOR UPDATE: this cannot happen, so never trust it
         raise AssertionError(f"grant_in {new.from_node}/{new.transfer_id} changed under its lock")
@@ -326,7 +334,10 @@ async def _apply(
     posted = False
     notify: list[str] = []
     peer = None if row is None else row["from_node"]  # the giver's node
+    writes = OutboxWrites()  # written with the row, in one statement
     for effect in effects:
+        if writes.take(effect):
+            continue
         match effect:
             case PostHold():
                 assert row is not None
@@ -352,12 +363,14 @@ async def _apply(
                 notify.append(effect.kind)  # last: it holds the receiver's lock to the commit
             case Reply():
                 reply = effect.body
-            case _:  # Send, StopRetries, Alert, StoreEvidence
+            case _:  # Alert, StoreEvidence
                 await execute_common_effect(
                     conn, effect, now, subject=subject, peer=peer, node=ctx.node_id, side="B"
                 )
     if row is not None and new is not None and new != old:
-        await _save(conn, row, new, now)
+        await _save(conn, row, new, now, writes)
+    else:
+        await writes.execute(conn, now, subject=subject, peer=peer)
     if posted and row is not None:
         await _close_if_relation_ended(ctx, conn, row, now)
     if notify:
