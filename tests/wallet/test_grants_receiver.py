@@ -7,6 +7,7 @@ receiver's quota and on the due_from:prov-11 clearing sub-accounts after every s
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -367,6 +368,11 @@ async def test_accept_then_commit_makes_the_quota_spendable(
     again = await deliver(svc, commit)
     assert isinstance(again, Ack) and again.decision_hash == hash_body(commit)
     assert again.final_state == "COMMITTED"
+    # The same answer while another step holds the grant's row: a decided grant's stored ACK
+    # needs no row lock (and no commit).
+    async with db.transaction():
+        await db.execute("SELECT 1 FROM grant_in WHERE transfer_id = $1 FOR UPDATE", tid)
+        assert await asyncio.wait_for(deliver(svc, commit), timeout=10) == again
     quotas = (await client.get("/app/v1/quotas", headers=bearer(receiver.token))).json()
     assert (quotas["granted_fen"], quotas["used_fen"], quotas["available_fen"]) == (
         100_000,

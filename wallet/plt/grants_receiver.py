@@ -42,6 +42,7 @@ from protocol.effects import (
     PostHold,
     QueryPeer,
     Reply,
+    StoreEvidence,
     VoidHold,
 )
 from protocol.errors import ErrorClass, ErrorCode, ProtocolError
@@ -599,6 +600,10 @@ async def apply_decision(
 
     `on_applied(conn, old, new)` runs inside the step's transaction (an operator's audit
     record commits with the change it records)."""
+    if on_applied is None:
+        answer = await _answer_applied_decision(ctx, from_node, decision, decision_hash)
+        if answer is not None:
+            return answer
 
     async def attempt() -> Body | None:
         now = ctx.clock.now()
@@ -629,6 +634,35 @@ async def apply_decision(
         return reply
 
     return await retry_lost_races(attempt)
+
+
+async def _answer_applied_decision(
+    ctx: WalletContext, from_node: str, decision: Decision, decision_hash: str
+) -> Body | None:
+    """The stored answer to a DECISION this node has applied already, read without a
+    transaction; None when the step would do anything but answer (the caller then applies it
+    under the row's lock).
+
+    Every DECISION that commits a grant comes twice: as the reply to our ACCEPT, and as A's
+    request, which alone gets the ACK back to A. The second finds the grant decided; the
+    answer is then a pure function of the committed row (a decided grant with the same
+    DECISION answers its stored ACK, whatever happens next), so it needs no row lock, and no
+    commit to flush. A DECISION that finds the grant undecided, a different one, or no row
+    at all, goes the locked way."""
+    row = await ctx.pool.fetchrow(_LOAD, from_node, decision.transfer_id)
+    if row is None:
+        return None
+    old = machine(row)
+    event = receiver.DecisionArrived(
+        from_node=from_node,
+        decision=decision,
+        decision_hash=decision_hash,
+        now_ms=to_ms(ctx.clock.now()),
+    )
+    new, effects = receiver.step(old, event)
+    replies = [e.body for e in effects if isinstance(e, Reply)]
+    only_answers = all(isinstance(e, Reply | StoreEvidence) for e in effects)
+    return replies[0] if new == old and len(replies) == 1 and only_answers else None
 
 
 async def _insert_tombstone(
