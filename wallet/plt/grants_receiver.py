@@ -584,7 +584,10 @@ async def on_decision(ctx: WalletContext, msg: Incoming) -> Body | None:
     """A's decision, as a request from its outbox or as the reply to our ACCEPT/DECLINE."""
     decision = msg.body
     assert isinstance(decision, Decision)
-    reply = await apply_decision(ctx, msg.from_node, decision, msg.body_hash)
+    # A's request usually comes after the reply to our ACCEPT has been applied.
+    reply = await apply_decision(
+        ctx, msg.from_node, decision, msg.body_hash, answer_if_applied=not msg.is_reply
+    )
     return None if msg.is_reply else reply
 
 
@@ -595,12 +598,14 @@ async def apply_decision(
     decision_hash: str,
     *,
     on_applied: AppliedHook | None = None,
+    answer_if_applied: bool = False,
 ) -> Body | None:
     """Step B's machine with a verified DECISION; return the ACK (or ERROR) to answer with.
 
     `on_applied(conn, old, new)` runs inside the step's transaction (an operator's audit
-    record commits with the change it records)."""
-    if on_applied is None:
+    record commits with the change it records). `answer_if_applied`: first look whether the
+    DECISION is applied already (`_answer_applied_decision`), for one that likely is."""
+    if answer_if_applied and on_applied is None:
         answer = await _answer_applied_decision(ctx, from_node, decision, decision_hash)
         if answer is not None:
             return answer
