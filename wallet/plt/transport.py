@@ -605,7 +605,8 @@ async def apply_in_one_transaction(
     without batching: its error answer comes from the same code as ever. So do the later
     messages about the same thing, which keeps their order. If the batch cannot commit,
     every message is applied alone (handlers are idempotent, so a commit that did happen
-    before the connection broke is only repeated).
+    before the connection broke is only repeated). In each such transaction the messages of
+    a type with a set-oriented handler go to it first (`_apply_sets`).
 
     A batch of fewer than `together_from` messages is applied alone, message by message, up
     to `parallel` side by side: measured on two cores, the savepoints cost more round trips
