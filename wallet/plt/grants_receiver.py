@@ -654,9 +654,8 @@ async def on_decisions(ctx: WalletContext, messages: Sequence[Incoming]) -> dict
     taken: dict[int, Body | None] = {}
     tombstones: list[ReceiverTransfer] = []
     async with ctx.pool.acquire() as conn:
-        decisions = [m.body for m in messages if isinstance(m.body, Decision)]
-        nodes = [m.from_node for m in messages]
-        locked = await conn.fetch(_LOCK_MANY, nodes, [d.transfer_id for d in decisions])
+        keys = [(m.from_node, m.body.transfer_id) for m in messages if isinstance(m.body, Decision)]
+        locked = await conn.fetch(_LOCK_MANY, [n for n, _ in keys], [t for _, t in keys])
         rows = {(r["from_node"], r["transfer_id"]): r for r in locked}
         seen: set[tuple[str, str]] = set()
         for position, msg in enumerate(messages):
