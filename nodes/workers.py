@@ -3,7 +3,9 @@
 A worker is a *pass* (`async def run_once(ctx) -> result`) run over and over: again at once
 while the pass found work (a truthy result: rows handled, a non-empty SendReport), else
 after `interval_s`, or sooner when its `wake` event is set (the outbox sender is woken by
-every committed outbox row: `wallet.plt.wakeup`, whose LISTEN task runs beside the workers). Workers coordinate through PostgreSQL only (SKIP LOCKED, leases), so any
+every committed outbox row: `wallet.plt.wakeup`, whose LISTEN task runs beside the workers),
+or when its `due_in` says its next work falls due (the grants sweeper wakes at the earliest
+deadline it knows of, not up to `interval_s` after it). Workers coordinate through PostgreSQL only (SKIP LOCKED, leases), so any
 number of replicas of a node may run them. A pass that raises is logged and retried after a
 growing pause; it never takes the node down. Stopping lets the current pass finish (up to a
 timeout), then cancels it: every pass is made of short transactions, so a cancelled one
@@ -34,6 +36,7 @@ STOP_TIMEOUT_S = 5.0
 
 Pass = Callable[[WalletContext], Awaitable[object]]
 Wake = Callable[[WalletContext], asyncio.Event]
+DueIn = Callable[[WalletContext], Awaitable[float | None]]
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,9 @@ class Worker:
     needs_plt: bool = True
     # An event that ends the idle pause early (set when there is new work for the pass).
     wake: Wake | None = None
+    # Seconds until the pass will next find work (None: nothing known); the idle pause is cut
+    # to it, so work due at a known instant starts at that instant.
+    due_in: DueIn | None = None
 
 
 WORKERS: list[Worker] = []
@@ -57,12 +63,13 @@ def register_worker(
     interval_s: float,
     needs_plt: bool = True,
     wake: Wake | None = None,
+    due_in: DueIn | None = None,
 ) -> Worker:
-    """Add (or replace, by name) a worker pass run every `interval_s` while idle, or at once
-    when `wake(ctx)` is set."""
+    """Add (or replace, by name) a worker pass run every `interval_s` while idle, at once
+    when `wake(ctx)` is set, or when `due_in(ctx)` seconds have passed if that is sooner."""
     if interval_s <= 0:
         raise ValueError("interval_s must be positive")
-    worker = Worker(name, run_once, interval_s, needs_plt, wake)
+    worker = Worker(name, run_once, interval_s, needs_plt, wake, due_in)
     WORKERS[:] = [w for w in WORKERS if w.name != name]
     WORKERS.append(worker)
     return worker
@@ -81,7 +88,12 @@ register_worker(
     "plt-keysets", transport.refresh_keysets_once, interval_s=transport.KEYSET_REFRESH_S
 )
 # Grants: A aborts grants past their deadline; B asks A about holds in doubt.
-register_worker("grants-sweeper", grants.sweeper_run_once, interval_s=grants.SWEEP_INTERVAL_S)
+register_worker(
+    "grants-sweeper",
+    grants.sweeper_run_once,
+    interval_s=grants.SWEEP_INTERVAL_S,
+    due_in=grants.sweeper_due_in,
+)
 register_worker("grants-resolver", grants.resolver_run_once, interval_s=grants.RESOLVE_INTERVAL_S)
 # Reconciliation: close ready windows and send their STATEMENTs (clearing: USAGE handlers).
 register_worker(
@@ -158,6 +170,19 @@ class WorkerSet:
         self._tasks.clear()
         log.info("workers_stopped", cancelled=len(pending))
 
+    async def _idle_pause(self, worker: Worker) -> float:
+        """`interval_s`, or less when the worker knows its next work falls due sooner.
+
+        A failing `due_in` only costs the shortcut: the pause is then `interval_s`."""
+        if worker.due_in is None:
+            return worker.interval_s
+        try:
+            due = await worker.due_in(self._ctx)
+        except Exception as exc:  # the pass itself reports real trouble; this is a hint
+            log.warning("worker_due_in_failed", worker=worker.name, error=repr(exc))
+            return worker.interval_s
+        return worker.interval_s if due is None else min(worker.interval_s, max(0.0, due))
+
     async def _supervise(self, worker: Worker) -> None:
         failures = 0
         wake = worker.wake(self._ctx) if worker.wake is not None else None
@@ -173,7 +198,7 @@ class WorkerSet:
                 if result:
                     await asyncio.sleep(0)  # let the node breathe between busy passes
                     continue
-                pause = worker.interval_s
+                pause = await self._idle_pause(worker)
             except Exception as exc:  # a failing pass is retried, never fatal to the node
                 failures += 1
                 metrics.COUNTERS.inc(metrics.WORKER_RUNS, worker=worker.name, outcome="error")

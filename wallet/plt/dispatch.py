@@ -13,7 +13,7 @@ deliver the same message any number of times.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -38,8 +38,11 @@ class Incoming:
 
 
 Handler = Callable[[WalletContext, Incoming], Awaitable[Body | None]]
+# A set-oriented handler: the answers, by position, to the messages of a batch it applied.
+ManyHandler = Callable[[WalletContext, Sequence[Incoming]], Awaitable[dict[int, Body | None]]]
 
 _HANDLERS: dict[MessageType, Handler] = {}
+_MANY_HANDLERS: dict[MessageType, ManyHandler] = {}
 
 
 class NoHandler(LookupError):
@@ -57,6 +60,33 @@ def handles(*typs: MessageType) -> Callable[[Handler], Handler]:
         return handler
 
     return register
+
+
+def handles_many(*typs: MessageType) -> Callable[[ManyHandler], ManyHandler]:
+    """Register a set-oriented handler beside the one-message handler of the same types.
+
+    Large batches (`transport.apply_in_one_transaction`) hand it their messages of one type,
+    each about a different thing, inside the batch's transaction (`ctx.pool` is the batch's
+    connection) and under one savepoint. It applies those it can in a few statements and
+    answers them exactly as the one-message handler would (None for a reply); it leaves out
+    (no key in the answer) any message that needs more, which then goes through the
+    one-message handler. If it raises, its savepoint is rolled back and every message goes
+    the one-message way, so it must be idempotent in the same sense as that handler.
+    """
+
+    def register(handler: ManyHandler) -> ManyHandler:
+        for typ in typs:
+            if typ in _MANY_HANDLERS and _MANY_HANDLERS[typ] is not handler:
+                raise RuntimeError(f"{typ} already has a set-oriented handler")
+            _MANY_HANDLERS[typ] = handler
+        return handler
+
+    return register
+
+
+def many_handler(typ: MessageType) -> ManyHandler | None:
+    """The set-oriented handler of `typ`, if a feature registered one."""
+    return _MANY_HANDLERS.get(typ)
 
 
 _LOGGED_IDS = ("transfer_id", "relation_id", "release_id")

@@ -37,6 +37,12 @@ from wallet.plt.grants_receiver import (
 )
 
 SWEEP_INTERVAL_S = 10.0  # PROTOCOL b.7 / protocol.clock.SWEEP_INTERVAL_MS
+# A grant is due once A's clock is past its decide_by (strictly): wake just after it.
+SWEEP_AFTER_DEADLINE_S = 0.005
+# A deadline already past after a pass: a row the pass skipped (locked by an ACCEPT deciding
+# it right now, or by another replica's sweep). Look again soon, but never spin.
+SWEEP_RECHECK_S = 1.0
+_EARLIEST_DEADLINE = "SELECT min(decide_by) FROM grant_out WHERE state = 'PREPARED_A'"
 RESOLVE_INTERVAL_S = 30.0
 
 __all__ = [
@@ -52,6 +58,7 @@ __all__ = [
     "instruct",
     "relation_ended",
     "resolver_run_once",
+    "sweeper_due_in",
     "sweeper_run_once",
 ]
 
@@ -112,6 +119,21 @@ relations.on_rel_reply(MessageType.RELEASE)(_release_answered)
 async def sweeper_run_once(ctx: WalletContext) -> int:
     """A: abort every PREPARED_A grant past its deadline (batches of 1,000, SKIP LOCKED)."""
     return await grants_giver.run_sweeper_once(ctx)
+
+
+async def sweeper_due_in(ctx: WalletContext) -> float | None:
+    """Seconds until the earliest pending grant's deadline has passed (None: none pending).
+
+    The sweeper's idle pause ends then (`nodes.workers`), so the 06:00 herd is swept from
+    06:00 on, not up to SWEEP_INTERVAL_S later; the pause never exceeds SWEEP_INTERVAL_S,
+    so a grant instructed meanwhile is seen as before. A deadline the last pass left behind
+    (a row it skipped as locked) is looked at again after SWEEP_RECHECK_S. One index read
+    (grant_out_due)."""
+    earliest: dt.datetime | None = await ctx.pool.fetchval(_EARLIEST_DEADLINE)
+    if earliest is None:
+        return None
+    ahead = (earliest - ctx.clock.now()).total_seconds()
+    return ahead + SWEEP_AFTER_DEADLINE_S if ahead >= 0 else SWEEP_RECHECK_S
 
 
 async def resolver_run_once(ctx: WalletContext) -> int:

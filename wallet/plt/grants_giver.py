@@ -31,6 +31,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+from collections.abc import Sequence
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -49,6 +50,8 @@ from protocol.effects import (
     Reply,
     ReportStatus,
     Send,
+    StopRetries,
+    StoreEvidence,
     VoidHold,
 )
 from protocol.errors import ErrorClass, ErrorCode
@@ -83,8 +86,8 @@ from wallet.context import WalletContext
 from wallet.devices import DeviceSignature
 from wallet.errors import ErrorCode as WalletCode
 from wallet.errors import WalletError
-from wallet.plt import grants_sweep, notices, relations
-from wallet.plt.dispatch import Incoming, handles
+from wallet.plt import grants_sweep, notices, outbox, relations
+from wallet.plt.dispatch import Incoming, handles, handles_many
 from wallet.plt.grants_base import (
     PURPOSE_GRANT,
     PURPOSE_GRANT_RETURNED,
@@ -831,7 +834,7 @@ async def sweep_once(ctx: WalletContext, batch: int = SWEEP_BATCH) -> int:
             with grant_log_context(ctx.node_id, row["transfer_id"]):
                 await _apply(ctx, conn, row, old, new, effects, now, subject=row["transfer_id"])
         await grants_sweep.execute_batch(conn, swept, now, node=ctx.node_id)
-        await conn.executemany(_SAVE, [_save_args(s.row, s.new, now) for s in swept])
+        await _save_many(conn, [_save_args(s.row, s.new, now) for s in swept])
     log.info("grants_expired", count=len(rows))
     return len(rows)
 
@@ -845,6 +848,82 @@ async def run_sweeper_once(ctx: WalletContext) -> int:
         if done < SWEEP_BATCH:
             break
     return total
+
+
+# --- many rows in one statement (the sweep's batch, a batch of ACKs) ----------------------------
+
+_SAVE_MANY = """
+UPDATE grant_out AS g
+SET state = s.state, b_seen = s.b_seen, vote_typ = s.vote_typ, vote = s.vote,
+    vote_hash = s.vote_hash, decision = s.decision, decision_hash = s.decision_hash,
+    acked = s.acked, decided_at = s.decided_at
+FROM unnest($1::text[], $2::integer[], $3::text[], $4::boolean[], $5::text[], $6::bytea[],
+            $7::text[], $8::bytea[], $9::text[], $10::boolean[], $11::timestamptz[])
+    AS s(transfer_id, version, state, b_seen, vote_typ, vote, vote_hash, decision,
+         decision_hash, acked, decided_at)
+WHERE g.transfer_id = s.transfer_id AND g.version = s.version
+RETURNING g.transfer_id
+"""
+_LOCK_MANY = _LOAD_MANY + " ORDER BY transfer_id FOR UPDATE"
+
+
+async def _save_many(conn: asyncpg.Connection, saves: list[tuple[Any, ...]]) -> None:
+    """`_save` for many locked rows (`_save_args` each) in one statement, not one each."""
+    if not saves:
+        return
+    columns = [list(column) for column in zip(*saves, strict=True)]
+    saved = await conn.fetch(_SAVE_MANY, *columns)
+    if len(saved) != len(saves):  # every row is locked FOR UPDATE: never trust otherwise
+        raise AssertionError(f"{len(saves) - len(saved)} grant_out rows changed under their lock")
+
+
+def _ack_applies_alone(effects: tuple[Effect, ...]) -> bool:
+    """Whether an ACK step's effects are the plain ones `on_acks` executes in sets: stop the
+    DECISION's retries, keep the evidence (or nothing, for a duplicate)."""
+    return all(
+        isinstance(e, StoreEvidence)
+        or (isinstance(e, StopRetries) and e.typ is MessageType.DECISION)
+        for e in effects
+    )
+
+
+@handles_many(MessageType.ACK)
+async def on_acks(ctx: WalletContext, messages: Sequence[Incoming]) -> dict[int, Body | None]:
+    """B's ACKs (replies to our DECISIONs) of a large batch: one statement locks the rows,
+    one stops the DECISIONs' retries, one saves the acknowledged rows.
+
+    Each ACK is stepped through the same machine as `on_receiver_message` (a duplicate
+    changes nothing); an ACK whose step does more (an alert: unknown grant, another
+    DECISION, another node) or that is not a reply is left to that handler."""
+    now = ctx.clock.now()
+    taken: dict[int, Body | None] = {}
+    stops: list[tuple[str, MessageType, str]] = []
+    saves: list[tuple[Any, ...]] = []
+    async with ctx.pool.acquire() as conn:
+        ids = [m.body.transfer_id for m in messages if isinstance(m.body, Ack)]
+        rows = {r["transfer_id"]: r for r in await conn.fetch(_LOCK_MANY, ids)}
+        for position, msg in enumerate(messages):
+            body = msg.body
+            assert isinstance(body, Ack)
+            row = rows.pop(body.transfer_id, None)  # popped: a repeated id goes alone
+            if row is None or row["to_node"] != msg.from_node or not msg.is_reply:
+                continue
+            old = machine(row)
+            event = giver.MessageArrived(body=body, body_hash=msg.body_hash, now_ms=to_ms(now))
+            new, effects = giver.step(old, event)
+            if new is None or not _ack_applies_alone(effects):
+                continue
+            stops.extend((row["to_node"], MessageType.DECISION, row["transfer_id"])
+                         for e in effects if isinstance(e, StopRetries))  # fmt: skip
+            if new != old:
+                saves.append(_save_args(row, new, now))
+            metrics.observe_grant_phases(row, old, new, body, now)
+            taken[position] = None
+        if stops:
+            await outbox.stop_many(conn, stops, now=now)
+        await _save_many(conn, saves)
+    log.info("grants_acked", count=len(saves), duplicates=len(taken) - len(saves))
+    return taken
 
 
 # --- STATUS ------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
 import msgspec
@@ -72,7 +72,7 @@ from wallet.devices import DeviceSignature
 from wallet.errors import ErrorCode as WalletCode
 from wallet.errors import WalletError
 from wallet.plt import notices, outbox, quota
-from wallet.plt.dispatch import Incoming, handles
+from wallet.plt.dispatch import Incoming, handles, handles_many
 from wallet.plt.grants_base import (
     PURPOSE_QUOTA,
     PURPOSE_QUOTA_RETURNED,
@@ -665,9 +665,8 @@ async def _answer_applied_decision(
         now_ms=to_ms(ctx.clock.now()),
     )
     new, effects = receiver.step(old, event)
-    replies = [e.body for e in effects if isinstance(e, Reply)]
-    only_answers = all(isinstance(e, Reply | StoreEvidence) for e in effects)
-    return replies[0] if new == old and len(replies) == 1 and only_answers else None
+    answer = _plain_answer(effects)
+    return answer.body if answer is not None and new == old else None
 
 
 async def _insert_tombstone(
@@ -698,6 +697,102 @@ async def _insert_tombstone(
         now,
     )
     if inserted is None:
+        raise LostRace
+
+
+# --- DECISIONs in sets (the 06:00 herd's ABORTs) ------------------------------------------------
+
+_LOCK_MANY = f"""
+SELECT {_COLUMNS} FROM grant_in
+WHERE (from_node, transfer_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+ORDER BY from_node, transfer_id
+FOR UPDATE
+"""
+# The same rows `_insert_tombstone` writes, many at once.
+_INSERT_TOMBSTONES = """
+INSERT INTO grant_in
+    (from_node, transfer_id, state, received_at, decision, decision_hash, ack, decided_at)
+SELECT t.from_node, t.transfer_id, t.state, $7, t.decision, t.decision_hash, t.ack, $7
+FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::bytea[])
+    AS t(from_node, transfer_id, state, decision, decision_hash, ack)
+ON CONFLICT (from_node, transfer_id) DO NOTHING
+RETURNING transfer_id
+"""
+
+
+def _plain_answer(effects: tuple[Effect, ...]) -> Reply | None:
+    """The Reply of a DECISION step that does nothing else but keep its evidence (a
+    tombstone, or a decision applied before); None for any other step."""
+    replies = [e for e in effects if isinstance(e, Reply)]
+    others = [e for e in effects if not isinstance(e, Reply | StoreEvidence)]
+    return replies[0] if len(replies) == 1 and not others else None
+
+
+@handles_many(MessageType.DECISION)
+async def on_decisions(ctx: WalletContext, messages: Sequence[Incoming]) -> dict[int, Body | None]:
+    """A's DECISIONs of a large batch, in two statements: lock the rows, insert the
+    tombstones of ABORTs for grants never seen (PROTOCOL d.7), answer replays with the ACK
+    stored. Each is stepped through the same machine as `apply_decision`; a DECISION that
+    moves money, notifies or alerts is left to it (one at a time)."""
+    now = ctx.clock.now()
+    taken: dict[int, Body | None] = {}
+    tombstones: list[ReceiverTransfer] = []
+    async with ctx.pool.acquire() as conn:
+        keys = [(m.from_node, m.body.transfer_id) for m in messages if isinstance(m.body, Decision)]
+        locked = await conn.fetch(_LOCK_MANY, [n for n, _ in keys], [t for _, t in keys])
+        rows = {(r["from_node"], r["transfer_id"]): r for r in locked}
+        seen: set[tuple[str, str]] = set()
+        for position, msg in enumerate(messages):
+            decision = msg.body
+            assert isinstance(decision, Decision)
+            key = (msg.from_node, decision.transfer_id)
+            if key in seen:  # a repeated id goes alone, after these
+                continue
+            seen.add(key)
+            row = rows.get(key)
+            old = None if row is None else machine(row)
+            event = receiver.DecisionArrived(
+                from_node=msg.from_node,
+                decision=decision,
+                decision_hash=msg.body_hash,
+                now_ms=to_ms(now),
+            )
+            new, effects = receiver.step(old, event)
+            reply = _plain_answer(effects)
+            if reply is None or new is None or (old is not None and new != old):
+                continue
+            if old is None:
+                tombstones.append(new)
+            taken[position] = None if msg.is_reply else reply.body
+        await _insert_tombstones(conn, tombstones, now)
+    for new in tombstones:
+        log.info(
+            "grant_decided_at_receiver",
+            transfer_id=new.transfer_id,
+            from_node=new.from_node,
+            state=new.state.value,
+        )
+    return taken
+
+
+async def _insert_tombstones(
+    conn: asyncpg.Connection, tombstones: Sequence[ReceiverTransfer], now: dt.datetime
+) -> None:
+    """`_insert_tombstone` for many in one statement; LostRace if any id was taken
+    meanwhile (the caller's savepoint is rolled back and each goes alone)."""
+    if not tombstones:
+        return
+    inserted = await conn.fetch(
+        _INSERT_TOMBSTONES,
+        [t.from_node for t in tombstones],
+        [t.transfer_id for t in tombstones],
+        [t.state.value for t in tombstones],
+        [encode(t.decision) for t in tombstones],
+        [t.decision_hash for t in tombstones],
+        [encode(t.ack) for t in tombstones],
+        now,
+    )
+    if len(inserted) != len(tombstones):
         raise LostRace
 
 

@@ -2,9 +2,9 @@
 
 `grants_giver.sweep_once` steps every expired PREPARED_A grant of a batch through the pure
 state machine (`giver.Sweep`), exactly as one at a time would, then executes the effects of
-the whole batch together in its one transaction: one statement voids every hold, and the
-audit rows, the PREPARE rows to stop, the DECISIONs to queue and the new grant rows go as
-pipelined batches (`executemany`). A step with any other effect than the sweep's own
+the whole batch together in its one transaction: one statement voids every hold, one stops
+the PREPARE rows, one queues the DECISIONs, and the audit rows go as one pipelined batch
+(`executemany`); the caller saves the grant rows in one statement too. A step with any other effect than the sweep's own
 (VoidHold, StopRetries(PREPARE), Send(DECISION), NotifyGiver) is handed back to be executed
 one at a time, so nothing unexpected is ever batched.
 """

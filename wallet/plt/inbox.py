@@ -201,11 +201,19 @@ async def _receive(
     # 3. Dispatch (transport.apply_in_one_transaction): a large batch in one transaction per
     # 32+ messages (a message that fails there is applied again alone), a small one message by
     # message; messages about one thing in batch order (a REL_END may follow its REL_REQUEST).
+    # In a large batch, the messages of a type with a set-oriented handler (DECISIONs at B)
+    # go to it first, a few statements for all of them (`dispatch.handles_many`).
     async def together(item: _Item, env: Envelope, incoming: Incoming, c: WalletContext) -> None:
         item.reply = await _answer(c, node, env, incoming, now_ms)
 
     async def alone(item: _Item, env: Envelope, incoming: Incoming) -> None:
         item.reply = await _apply(ctx, node, env, incoming, now_ms)
+
+    def answered(item: _Item, env: Envelope, answer: Body | None) -> None:
+        # A set-oriented handler's answer (`dispatch.handles_many`), sealed like `_answer`'s.
+        if answer is None:
+            raise ValidationFailed(f"{env.typ} is only ever a reply; nothing answers it here")
+        item.reply = node.seal(typ_of(answer), env.from_node, answer, _ms_now(ctx, now_ms))
 
     await apply_in_one_transaction(
         ctx,
@@ -214,6 +222,8 @@ async def _receive(
                 _key(item),
                 partial(together, item, item.envelope, item.incoming),
                 partial(alone, item, item.envelope, item.incoming),
+                item.incoming,
+                partial(answered, item, item.envelope),
             )
             for item in items
             if item.incoming is not None and item.envelope is not None

@@ -39,7 +39,7 @@ import dataclasses
 import datetime as dt
 import random
 import weakref
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -63,7 +63,7 @@ from protocol.messages import (
     typ_of,
 )
 from wallet.context import WalletContext
-from wallet.plt.dispatch import Incoming, NoHandler, dispatch
+from wallet.plt.dispatch import Incoming, NoHandler, dispatch, many_handler
 from wallet.plt.node import KEYSET_PATH, MESSAGES_PATH, PltNode
 
 log = structlog.get_logger("wallet.plt.transport")
@@ -584,6 +584,10 @@ class Apply:
     # None: this message is only ever applied alone.
     together: Callable[[WalletContext], Awaitable[None]] | None
     alone: Callable[[], Awaitable[None]]  # in its own transactions, as before; never raises
+    # For a set-oriented handler (`dispatch.handles_many`): the message, and what to do with
+    # its answer when that handler applied it (instead of `together`).
+    message: Incoming | None = None
+    answered: Callable[[Body | None], None] | None = None
 
 
 async def apply_in_one_transaction(
@@ -602,7 +606,8 @@ async def apply_in_one_transaction(
     without batching: its error answer comes from the same code as ever. So do the later
     messages about the same thing, which keeps their order. If the batch cannot commit,
     every message is applied alone (handlers are idempotent, so a commit that did happen
-    before the connection broke is only repeated).
+    before the connection broke is only repeated). In each such transaction the messages of
+    a type with a set-oriented handler go to it first (`_apply_sets`).
 
     A batch of fewer than `together_from` messages is applied alone, message by message, up
     to `parallel` side by side: measured on two cores, the savepoints cost more round trips
@@ -650,7 +655,10 @@ async def _together(ctx: WalletContext, steps: Sequence[Apply]) -> list[Apply]:
         async with ctx.pool.acquire() as conn, conn.transaction():
             await conn.execute(_LOCK_TIMEOUT)
             shared = dataclasses.replace(ctx, pool=cast(asyncpg.Pool, OneConnection(conn)))
+            applied = await _apply_sets(shared, conn, steps)
             for step in sorted(steps, key=lambda s: s.key or ""):
+                if id(step) in applied:
+                    continue
                 if step.together is None or step.key in failed_keys:
                     failed_keys.add(step.key)
                     left.append(step)
@@ -673,12 +681,57 @@ async def _together(ctx: WalletContext, steps: Sequence[Apply]) -> list[Apply]:
     return left
 
 
+async def _apply_sets(
+    ctx: WalletContext, conn: asyncpg.Connection, steps: Sequence[Apply]
+) -> set[int]:
+    """Hand the batch's messages of each type with a set-oriented handler to that handler,
+    in a savepoint per type; return the ids of the steps it applied.
+
+    Only a message whose key is its own in the batch goes this way (the others keep their
+    order through the one-message path). A handler that raises is rolled back to its
+    savepoint, and its messages go the one-message way like the rest."""
+    keys = Counter(step.key for step in steps)
+    groups: dict[MessageType, list[Apply]] = defaultdict(list)
+    for step in steps:
+        message = step.message
+        if message is None or step.answered is None or keys[step.key] > 1:
+            continue
+        if many_handler(message.typ) is not None:
+            groups[message.typ].append(step)
+    applied: set[int] = set()
+    for typ, group in groups.items():
+        handler = many_handler(typ)
+        assert handler is not None
+        await conn.execute(_SAVEPOINT)
+        try:
+            with structlog.contextvars.bound_contextvars(node=ctx.node_id, plt_typ=typ.value):
+                answers = await handler(ctx, [s.message for s in group if s.message is not None])
+            for position, answer in answers.items():
+                answered = group[position].answered
+                assert answered is not None
+                answered(answer)
+            await conn.execute(_RELEASE)
+        except Exception as exc:
+            await conn.execute(_ROLLBACK_TO)
+            log.info("plt_apply_set_failed", typ=typ.value, messages=len(group), error=repr(exc))
+            continue
+        applied.update(id(group[position]) for position in answers)
+    return applied
+
+
 def _reply_step(ctx: WalletContext, row: _Row, incoming: Incoming) -> Apply:
     """A reply as a step of its batch's transaction (ERROR replies are handled alone)."""
-    together = (
-        None if isinstance(incoming.body, ErrorReply) else partial(_apply_reply, row, incoming)
-    )
-    return Apply(row.dedup_key, together, partial(_hand_over, ctx, row, incoming))
+    if isinstance(incoming.body, ErrorReply):
+        return Apply(row.dedup_key, None, partial(_hand_over, ctx, row, incoming))
+    together = partial(_apply_reply, row, incoming)
+    alone = partial(_hand_over, ctx, row, incoming)
+    if MessageType(row.typ) in DONE_ON_REPLY:  # its row is closed by `_apply_reply`
+        return Apply(row.dedup_key, together, alone)
+    return Apply(row.dedup_key, together, alone, incoming, _reply_applied)
+
+
+def _reply_applied(answer: Body | None) -> None:
+    """A reply applied by a set-oriented handler: a reply is never answered."""
 
 
 async def _apply_reply(row: _Row, incoming: Incoming, ctx: WalletContext) -> None:
