@@ -30,7 +30,10 @@ children, i.e. every worker process), over the measured part. Round trips and st
 per settlement are counted afterwards on a few sequential settlements with
 `log_statement = all` (each logged `statement:`/`execute` line is one round trip; a simple
 query with several `;`-separated statements counts once as a round trip and once per
-statement; BEGIN/COMMIT count).
+statement; BEGIN/COMMIT count). The background work settlements cause (the push worker's
+statements, the event streams' wake-ups sent after commits) is counted apart.
+`--statements TOP` loads pg_stat_statements into the server and prints what the database
+executed per settlement over the measured part, and the TOP statements by server time.
 """
 
 from __future__ import annotations
