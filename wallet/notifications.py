@@ -128,7 +128,7 @@ def lock_recipient(person_id_sql: str) -> str:
 
 
 # Input rows sorted by recipient, each locked before its id is drawn (see the module doc).
-_RECORD = f"""
+_WRITE = f"""
 WITH input AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::text[],
                          $6::text[], $7::timestamptz[], $8::jsonb[], $9::jsonb[])
@@ -148,8 +148,9 @@ WITH input AS (
     ON CONFLICT (person_id, event_key) DO NOTHING
     RETURNING id, person_id
 )
-SELECT id, pg_notify('{CHANNEL}', person_id::text) FROM inserted
 """
+_RECORD = _WRITE + f"SELECT id, pg_notify('{CHANNEL}', person_id::text) FROM inserted"
+_RECORD_QUIETLY = _WRITE + "SELECT id, person_id FROM inserted"
 
 
 def _json(value: dict[str, Any]) -> str:
@@ -157,14 +158,17 @@ def _json(value: dict[str, Any]) -> str:
 
 
 async def record_many(
-    conn: asyncpg.Connection, notices: Sequence[Notice], now: dt.datetime
+    conn: asyncpg.Connection, notices: Sequence[Notice], now: dt.datetime, *, notify: bool = True
 ) -> list[int]:
     """Write `notices` in the caller's transaction, once per (recipient, event): the ids of
-    the rows written (an event already recorded for its recipient adds nothing)."""
+    the rows written (an event already recorded for its recipient adds nothing).
+
+    `notify=False` leaves out the `pg_notify` (see the module doc): the caller then wakes the
+    streams of the recipients after its commit (`notification_stream.announce`)."""
     if not notices:
         return []
     rows = await conn.fetch(
-        _RECORD,
+        _RECORD if notify else _RECORD_QUIETLY,
         [n.person_id for n in notices],
         [n.kind.value for n in notices],
         [n.event_key for n in notices],
