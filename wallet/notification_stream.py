@@ -10,8 +10,9 @@ every stream is woken.
 
 Writers that wake the streams after their commit rather than with `pg_notify` inside it
 (`announce`, the settlements) wake this process's streams at once and send the other
-processes one NOTIFY per batch: while one batch's statement is in flight the next persons
-gather, so a busy node sends few, and none of its payments waits for one.
+processes one NOTIFY per batch, gathered for ANNOUNCE_GATHER_S: a NOTIFY is a transaction
+with a commit of its own (a WAL flush, under PostgreSQL's database-wide NOTIFY lock), so a
+busy node sends a few per second rather than one per payment, and no payment waits for one.
 
 The LISTEN connection is held only while at least one stream is open. Streams per session
 are bounded in this process (`sse_streams_per_session`), and a stream ends (an `error` event,
@@ -44,6 +45,9 @@ SELECT true FROM app_session s JOIN wallet w ON w.person_id = s.person_id
 WHERE s.token_hash = $1 AND s.revoked_at IS NULL AND s.expires_at > $2 AND w.state = 'open'
 """
 _ANNOUNCE = "SELECT pg_notify($1, p::text) FROM unnest($2::bigint[]) AS p"
+# How long announcements gather before one NOTIFY carries them: the delay a stream on
+# another process (a replica, a worker) may see, against one commit per payment.
+ANNOUNCE_GATHER_S = 0.05
 RECONNECT_PAUSE_S = 1.0
 ALIVE_CHECK_S = 5.0
 # Tells EventSource clients how long to wait before reconnecting (milliseconds).
@@ -117,6 +121,7 @@ class Hub:
         """NOTIFY the persons gathered, one statement per batch, until none are left. A
         failure only loses wake-ups (streams re-read at each heartbeat): logged, not raised."""
         while self._to_announce:
+            await asyncio.sleep(ANNOUNCE_GATHER_S)
             batch = sorted(self._to_announce)
             self._to_announce.clear()
             try:
