@@ -211,10 +211,11 @@ ON CONFLICT (code) DO NOTHING
 # balances and refuses an overdraft, as for wallet.ledger.transfer), the audit event and the
 # `shared_money.spent` notification of each in-province giver who paid ($17: the giver's
 # person id per source, NULL for the others), in one statement. Sources and transfers are
-# written in deduction order. The notifications come last (the unreferenced sub-statements
-# run in this order once the settlement row is written): each recipient's lock is taken, in
-# ascending recipient order, after every row lock this settlement takes, as `record_many`
-# does (wallet.notifications); the streams are woken after the commit (`announce`).
+# written in deduction order. Each giver's notification lock (wallet.notifications) is
+# taken in ascending recipient order; it is the only lock here that can wait (the accounts,
+# relationships and patient were locked by `_TAKE`), so, whatever order PostgreSQL runs the
+# sub-statements in, it comes after every row lock of the settlement, as `record_many`'s
+# callers take it. The streams are woken after the commit (`announce`).
 _RECORD = f"""
 WITH s AS (
     INSERT INTO settlement
