@@ -30,7 +30,10 @@ children, i.e. every worker process), over the measured part. Round trips and st
 per settlement are counted afterwards on a few sequential settlements with
 `log_statement = all` (each logged `statement:`/`execute` line is one round trip; a simple
 query with several `;`-separated statements counts once as a round trip and once per
-statement; BEGIN/COMMIT count).
+statement; BEGIN/COMMIT count). The background work settlements cause (the push worker's
+statements, the event streams' wake-ups sent after commits) is counted apart.
+`--statements TOP` loads pg_stat_statements into the server and prints what the database
+executed per settlement over the measured part, and the TOP statements by server time.
 """
 
 from __future__ import annotations
@@ -390,12 +393,50 @@ async def drive(
 
 # --- round trips -------------------------------------------------------------------------------
 
-_LOGGED = re.compile(r"LOG:  (statement|execute [^:]*): (.*)")
+_LOGGED = re.compile(r"\[(\d+)\] LOG:  (statement|execute [^:]*): (.*)")
+# Statements of the node's background work caused by settlements, not made in their requests:
+# the push worker's (claim, sent, failed) and the event streams' wake-ups sent after commits.
+_BACKGROUND = re.compile(r"FROM notification|UPDATE notification|pg_notify\(\$1", re.IGNORECASE)
+
+
+@dataclass
+class RoundTrips:
+    """Per settlement: round trips and statements of its request, and the round trips of
+    the background work it causes (`_BACKGROUND`, with their BEGIN and COMMIT)."""
+
+    trips: float
+    statements: float
+    background: float
+
+
+def _classify(text: str) -> list[tuple[bool, int]]:
+    """(background?, statements) of each round trip logged in `text`, in log order. A BEGIN
+    or COMMIT belongs with the statement after or before it on the same backend."""
+    entries: list[tuple[str, str, int]] = []  # (pid, text, statements)
+    for entry in re.split(r"\n(?=\d{4}-\d\d-\d\d )", text):
+        match = _LOGGED.search(entry)
+        if match is None:
+            continue
+        body = entry[match.start(3) :]
+        count = 1
+        if match[2] == "statement":  # simple protocol: possibly several statements
+            count = max(1, len([s for s in body.split(";") if s.strip()]))
+        entries.append((match[1], body.strip().rstrip(";").upper(), count))
+    background = [bool(_BACKGROUND.search(body)) for _, body, _ in entries]
+    last_of: dict[str, int] = {}
+    for i, (pid, body, _) in enumerate(entries):
+        before = last_of.get(pid)
+        if body == "COMMIT" and before is not None and background[before]:
+            background[i] = True
+        if before is not None and entries[before][1] == "BEGIN" and background[i]:
+            background[before] = True
+        last_of[pid] = i
+    return [(bg, count) for bg, (_, _, count) in zip(background, entries, strict=True)]
 
 
 async def count_round_trips(
     node: Node, keys: list[str], patient_ids: list[int], samples: int, hot: bool
-) -> tuple[float, float]:
+) -> RoundTrips:
     """Round trips and statements per settlement, from `log_statement = all`."""
     jobs = await issue_codes(node.dsn, keys, patient_ids, samples, hot, "count")
     admin = await asyncpg.connect(node.server.dsn())
@@ -406,7 +447,7 @@ async def count_round_trips(
         await asyncio.sleep(0.5)
         start = log.stat().st_size
         _, _, statuses = await drive(node.port, jobs, 1, 0)
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.5)  # the push worker's next pass (push.IDLE_S) included
         end = log.stat().st_size
     finally:
         await admin.execute("ALTER SYSTEM RESET log_statement")
@@ -415,18 +456,62 @@ async def count_round_trips(
     assert statuses == {201: samples}, statuses
     with log.open("rb") as f:
         f.seek(start)
-        text = f.read(end - start).decode(errors="replace")
-    trips = statements = 0
-    for entry in re.split(r"\n(?=\d{4}-\d\d-\d\d )", text):
-        match = _LOGGED.search(entry)
-        if match is None:
-            continue
-        trips += 1
-        if match[1] == "statement":  # simple protocol: possibly several statements
-            statements += max(1, len([s for s in entry[match.start(2) :].split(";") if s.strip()]))
-        else:
-            statements += 1
-    return trips / samples, statements / samples
+        classified = _classify(f.read(end - start).decode(errors="replace"))
+    own = [count for bg, count in classified if not bg]
+    return RoundTrips(
+        trips=len(own) / samples,
+        statements=sum(own) / samples,
+        background=sum(bg for bg, _ in classified) / samples,
+    )
+
+
+# --- pg_stat_statements ----------------------------------------------------------------------
+
+STATEMENT_TEXT = 150  # characters of each statement shown
+STATEMENTS_SETTINGS = {
+    "shared_preload_libraries": "pg_stat_statements",
+    "pg_stat_statements.track": "all",
+}
+_TOP_STATEMENTS = """
+SELECT calls, total_exec_time, rows, regexp_replace(query, '\\s+', ' ', 'g') AS query
+FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = $1)
+ORDER BY total_exec_time DESC
+"""
+
+
+async def statements_reset(dsn: str) -> None:
+    """Start counting (`--statements`): the warm-up's statements are not the run's."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        await conn.execute("SELECT pg_stat_statements_reset(), pg_stat_reset()")
+    finally:
+        await conn.close()
+
+
+async def print_statements(dsn: str, settlements: int, top: int) -> None:
+    """What the database executed per settlement over the measured part: calls (a pipelined
+    statement counts once), transactions, and the `top` statements by server time."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(_TOP_STATEMENTS, DB)
+        commits = await conn.fetchval(
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1", DB
+        )
+    finally:
+        await conn.close()
+    n = max(settlements, 1)
+    calls = sum(r["calls"] for r in rows)
+    exec_ms = sum(r["total_exec_time"] for r in rows)
+    print(
+        f"statements: {calls / n:.1f} per settlement, {commits / n:.1f} transactions, "
+        f"{exec_ms / n:.3f} ms executing; the {top} costliest:"
+    )
+    for r in rows[:top]:
+        print(
+            f"  {r['calls'] / n:5.2f}/settlement {r['total_exec_time'] / n:6.3f} ms "
+            f"{r['rows'] / max(1, r['calls']):6.1f} rows  {r['query'][:STATEMENT_TEXT]}"
+        )
 
 
 # --- pgbench -----------------------------------------------------------------------------------
@@ -440,7 +525,9 @@ async def bench(args: argparse.Namespace) -> None:
     if data.exists():
         shutil.rmtree(data)
     node_root, python = args.node_root, args.node_python
-    node = Node(free_port(), EmbeddedPostgres(data / "postgres"), node_root, python)
+    settings = STATEMENTS_SETTINGS if args.statements else {}
+    server = EmbeddedPostgres(data / "postgres", settings=settings)
+    node = Node(free_port(), server, node_root, python)
     try:
         node.server.start()
         await create_database(node.server)
@@ -454,6 +541,8 @@ async def bench(args: argparse.Namespace) -> None:
             warm = await issue_codes(node.dsn, keys, patient_ids, args.warmup, args.hot, "warm")
             await drive(node.port, warm, args.concurrency, 0)
         jobs = await issue_codes(node.dsn, keys, patient_ids, args.settlements, args.hot, "run")
+        if args.statements:
+            await statements_reset(node.dsn)
         assert node.process is not None
         pids = tree(node.process.pid)
         pg_pids = tree(postmaster_pid(node.server))
@@ -461,6 +550,8 @@ async def bench(args: argparse.Namespace) -> None:
         latencies, elapsed, statuses = await drive(node.port, jobs, args.concurrency, args.rate)
         node_cpu, pg_cpu = cpu_s(pids) - cpu0, cpu_s(tree(postmaster_pid(node.server))) - pg0
         rss = peak_rss_kb(pids)
+        if args.statements:  # before the round-trip count and pgbench add their own
+            await print_statements(node.dsn, statuses.get(201, 0), args.statements)
         trips = (
             await count_round_trips(node, keys, patient_ids, args.count_samples, args.hot)
             if args.count_samples
@@ -510,8 +601,9 @@ async def bench(args: argparse.Namespace) -> None:
         )
         if trips:
             print(
-                f"per settlement: {trips[0]:.1f} round trips, {trips[1]:.1f} statements "
-                f"(log_statement, {args.count_samples} sequential samples)"
+                f"per settlement: {trips.trips:.1f} round trips, {trips.statements:.1f} "
+                f"statements, and {trips.background:.1f} round trips of background work "
+                f"(push, stream wake-ups) (log_statement, {args.count_samples} sequential samples)"
             )
         print(f"books balanced: {'yes' if balanced else 'NO'}")
         if tps:
@@ -566,6 +658,14 @@ def main() -> None:
     parser.add_argument("--count-samples", type=int, default=20, help="0: skip round trips")
     parser.add_argument("--pgbench-seconds", type=int, default=15, help="0: skip")
     parser.add_argument("--pgbench-scale", type=int, default=10)
+    parser.add_argument(
+        "--statements",
+        type=int,
+        default=0,
+        metavar="TOP",
+        help="load pg_stat_statements and print the statements per settlement and the TOP "
+        "costliest (0: off; it costs some server CPU)",
+    )
     parser.add_argument("--data-dir", default="data/bench-settlements")
     parser.add_argument("--keep", action="store_true", help="keep the data folder")
     args = parser.parse_args()

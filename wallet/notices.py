@@ -3,14 +3,15 @@
 Each function runs inside the caller's transaction (see `wallet.notifications`), reads what
 the phone screen needs from rows the change just wrote, and records one notice per
 recipient. Event keys name the change, so a replay notifies nobody twice. Cross-province
-grant and relationship events are in `wallet.plt.grant_notices`.
+grant and relationship events are in `wallet.plt.grant_notices`; a settlement's
+`shared_money.spent` is written by the settlement's own statement (`wallet.settlement`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import asyncpg
 
@@ -111,49 +112,6 @@ JOIN insured_person p ON p.id = st.patient_person_id
 WHERE s.settlement_id = $1 AND s.source = 'giver'
 ORDER BY s.seq
 """
-
-
-class SharedSpend(NamedTuple):
-    """One in-province giver's share of a settlement: the settlement's source `seq`."""
-
-    seq: int
-    giver_person_id: int
-    relationship_id: int
-    amount_fen: int
-
-
-async def shared_money_spent(
-    conn: asyncpg.Connection,
-    settlement_id: int,
-    spent: Sequence[SharedSpend],
-    patient_name: str,
-    category: str,
-    now: dt.datetime,
-) -> None:
-    """A settlement took money from in-province givers: tell each giver who, how much, what.
-
-    Built from what the settlement already holds (no read), so the notice costs the
-    settlement one statement. Quotas' givers live at the giver's node and hear of it there
-    (`wallet.plt.spend_notices`)."""
-    await record_many(
-        conn,
-        [
-            Notice(
-                person_id=share.giver_person_id,
-                kind=Kind.SHARED_MONEY_SPENT,
-                event_key=f"settlement:{settlement_id}:{share.seq}",
-                amount_fen=share.amount_fen,
-                counterpart_name_masked=mask_name(patient_name),
-                refs={
-                    "settlement_id": str(settlement_id),
-                    "relationship_id": str(share.relationship_id),
-                },
-                detail={"category": category},
-            )
-            for share in spent
-        ],
-        now,
-    )
 
 
 async def shared_money_refunded(

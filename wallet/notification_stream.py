@@ -8,6 +8,12 @@ person named in the payload, on every replica. Correctness never depends on the 
 a stream also reads again at each heartbeat, and when the LISTEN connection is re-opened
 every stream is woken.
 
+Writers that wake the streams after their commit rather than with `pg_notify` inside it
+(`announce`, the settlements) wake this process's streams at once and send the other
+processes one NOTIFY per batch, gathered for ANNOUNCE_GATHER_S: a NOTIFY is a transaction
+with a commit of its own (a WAL flush, under PostgreSQL's database-wide NOTIFY lock), so a
+busy node sends a few per second rather than one per payment, and no payment waits for one.
+
 The LISTEN connection is held only while at least one stream is open. Streams per session
 are bounded in this process (`sse_streams_per_session`), and a stream ends (an `error` event,
 `unauthorized`) at the first heartbeat after its session was logged out or expired.
@@ -19,7 +25,7 @@ import asyncio
 import contextlib
 import weakref
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 import asyncpg
 import msgspec
@@ -38,6 +44,10 @@ _SESSION_LIVE = """
 SELECT true FROM app_session s JOIN wallet w ON w.person_id = s.person_id
 WHERE s.token_hash = $1 AND s.revoked_at IS NULL AND s.expires_at > $2 AND w.state = 'open'
 """
+_ANNOUNCE = "SELECT pg_notify($1, p::text) FROM unnest($2::bigint[]) AS p"
+# How long announcements gather before one NOTIFY carries them: the delay a stream on
+# another process (a replica, a worker) may see, against one commit per payment.
+ANNOUNCE_GATHER_S = 0.05
 RECONNECT_PAUSE_S = 1.0
 ALIVE_CHECK_S = 5.0
 # Tells EventSource clients how long to wait before reconnecting (milliseconds).
@@ -52,6 +62,8 @@ class Hub:
         self._waiters: dict[int, set[asyncio.Event]] = defaultdict(set)
         self._per_session: dict[bytes, int] = defaultdict(int)
         self._listener: asyncio.Task[None] | None = None
+        self._to_announce: set[int] = set()
+        self._announcer: asyncio.Task[None] | None = None
 
     @property
     def open_streams(self) -> int:
@@ -90,8 +102,32 @@ class Hub:
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         if payload.isdigit():
-            for wake in self._waiters.get(int(payload), ()):
-                wake.set()
+            self._wake(int(payload))
+
+    def _wake(self, person_id: int) -> None:
+        for wake in self._waiters.get(person_id, ()):
+            wake.set()
+
+    def announce(self, person_ids: Iterable[int]) -> None:
+        """Notifications of `person_ids` committed: wake their streams here now, and on every
+        other process (replicas, workers) by a NOTIFY sent in the background."""
+        for person_id in person_ids:
+            self._wake(person_id)
+            self._to_announce.add(person_id)
+        if self._to_announce and (self._announcer is None or self._announcer.done()):
+            self._announcer = asyncio.create_task(self._send_announcements(), name="announce")
+
+    async def _send_announcements(self) -> None:
+        """NOTIFY the persons gathered, one statement per batch, until none are left. A
+        failure only loses wake-ups (streams re-read at each heartbeat): logged, not raised."""
+        while self._to_announce:
+            await asyncio.sleep(ANNOUNCE_GATHER_S)
+            batch = sorted(self._to_announce)
+            self._to_announce.clear()
+            try:
+                await self._ctx.pool.execute(_ANNOUNCE, notifications.CHANNEL, batch)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("notification_announce_failed", persons=len(batch), error=repr(exc))
 
     def _wake_all(self) -> None:
         for waiters in self._waiters.values():
@@ -136,6 +172,11 @@ def hub_of(ctx: WalletContext) -> Hub:
         hub = _HUBS[id(ctx)] = Hub(ctx)
         weakref.finalize(ctx, _HUBS.pop, id(ctx), None)
     return hub
+
+
+def announce(ctx: WalletContext, person_ids: Iterable[int]) -> None:
+    """Call after the commit of notifications written without `pg_notify` (see `Hub.announce`)."""
+    hub_of(ctx).announce(person_ids)
 
 
 def parse_last_event_id(raw: str | None) -> int | None:

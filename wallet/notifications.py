@@ -12,6 +12,14 @@ recipient's ids commit in increasing order and a stream that reads `id > Last-Ev
 never skips a row that commits late. Call `record` late in a transaction (it holds that lock
 until the commit), and notify several people in one call (locked in ascending order).
 
+A hot path may instead write its rows inside the statement that writes its own change (the
+settlement's, `wallet.settlement`), taking the same lock (`lock_recipient`) in ascending
+recipient order, and wake the streams after the commit (`notification_stream.announce`)
+rather than with `pg_notify` in the transaction: PostgreSQL serialises the commits of all
+transactions that NOTIFY (a database-wide lock held across the commit's WAL flush), which
+costs a busy node its group commits. The wake-up is only a wake-up: a stream also re-reads
+at every heartbeat, so a wake lost to a crash right after a commit only delays the event.
+
 Nothing personal beyond a masked name and a province ever goes into a row: the rows are
 pushed to a vendor's service (`wallet.push`).
 """
@@ -110,8 +118,17 @@ class MarkedRead(msgspec.Struct, frozen=True, kw_only=True):
 
 # --- writing ---------------------------------------------------------------------------------
 
+
+def lock_recipient(person_id_sql: str) -> str:
+    """The SQL expression that takes the transaction-scoped lock serialising one recipient's
+    writers (see the module doc). Evaluate it in ascending recipient order, before the row's
+    id is drawn: e.g. in the select list of a query ordered by the recipient, whose volatile
+    expressions PostgreSQL evaluates after the sort."""
+    return f"pg_advisory_xact_lock({_LOCK_SPACE}, (({person_id_sql}) % 2147483647)::integer)"
+
+
 # Input rows sorted by recipient, each locked before its id is drawn (see the module doc).
-_RECORD = f"""
+_WRITE = f"""
 WITH input AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::text[],
                          $6::text[], $7::timestamptz[], $8::jsonb[], $9::jsonb[])
@@ -119,7 +136,7 @@ WITH input AS (
                              deadline, refs, detail, n)
     ORDER BY person_id, n
 ), locked AS (
-    SELECT input.*, pg_advisory_xact_lock({_LOCK_SPACE}, (person_id % 2147483647)::integer) AS lock
+    SELECT input.*, {lock_recipient("person_id")} AS lock
     FROM input
 ), inserted AS (
     INSERT INTO notification
@@ -131,8 +148,9 @@ WITH input AS (
     ON CONFLICT (person_id, event_key) DO NOTHING
     RETURNING id, person_id
 )
-SELECT id, pg_notify('{CHANNEL}', person_id::text) FROM inserted
 """
+_RECORD = _WRITE + f"SELECT id, pg_notify('{CHANNEL}', person_id::text) FROM inserted"
+_RECORD_QUIETLY = _WRITE + "SELECT id, person_id FROM inserted"
 
 
 def _json(value: dict[str, Any]) -> str:
@@ -140,14 +158,17 @@ def _json(value: dict[str, Any]) -> str:
 
 
 async def record_many(
-    conn: asyncpg.Connection, notices: Sequence[Notice], now: dt.datetime
+    conn: asyncpg.Connection, notices: Sequence[Notice], now: dt.datetime, *, notify: bool = True
 ) -> list[int]:
     """Write `notices` in the caller's transaction, once per (recipient, event): the ids of
-    the rows written (an event already recorded for its recipient adds nothing)."""
+    the rows written (an event already recorded for its recipient adds nothing).
+
+    `notify=False` leaves out the `pg_notify` (see the module doc): the caller then wakes the
+    streams of the recipients after its commit (`notification_stream.announce`)."""
     if not notices:
         return []
     rows = await conn.fetch(
-        _RECORD,
+        _RECORD if notify else _RECORD_QUIETLY,
         [n.person_id for n in notices],
         [n.kind.value for n in notices],
         [n.event_key for n in notices],

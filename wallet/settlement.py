@@ -16,9 +16,9 @@ amount, the category and its own reference. In ONE transaction the node
      `giver_balance_desc`, `receiver_order`; `wallet.plt.quota.rank_shared_sources`),
   4. writes the settlement, one settlement_source row and one ledger transfer per source.
 
-Steps 1-2 are one statement and step 4 another (`_TAKE`, `_RECORD`): with the key lookup,
-BEGIN and COMMIT, a settlement is five round trips on one connection (six when relatives'
-money paid: the givers' notifications).
+Steps 1-2 are one statement and step 4 another (`_TAKE`, `_RECORD`), which also writes the
+`shared_money.spent` notification of each in-province giver who paid: with the key lookup,
+BEGIN and COMMIT, a settlement is five round trips on one connection, whoever's money paid.
 
 If the sources do not cover the amount, the payment is refused (`insufficient_funds`) and
 nothing changes, the code included: a refused payment does not consume the code, so the
@@ -45,12 +45,13 @@ from typing import Literal
 import asyncpg
 import msgspec
 
-from wallet import audit, notices
+from wallet import audit, notification_stream
 from wallet.context import WalletContext
 from wallet.credentials import digest, new_numeric_code
 from wallet.errors import ErrorCode, WalletError
 from wallet.institutions import INSTITUTION_SLOTS, account_code
 from wallet.ledger import MAX_AMOUNT_FEN
+from wallet.notifications import Kind, lock_recipient
 from wallet.plt import quota, spend_notices
 from wallet.privacy import mask_name
 from wallet.rules import FORBIDDEN_CATEGORIES, DeductionStrategy, ProvinceRules, SettlementCategory
@@ -207,9 +208,15 @@ INSERT INTO account (kind, code, debits_must_not_exceed_credits) VALUES ('instit
 ON CONFLICT (code) DO NOTHING
 """
 # The settlement, its sources, their ledger transfers (the insert trigger moves the
-# balances and refuses an overdraft, as for wallet.ledger.transfer) and the audit event,
-# in one statement. Sources and transfers are written in deduction order.
-_RECORD = """
+# balances and refuses an overdraft, as for wallet.ledger.transfer), the audit event and the
+# `shared_money.spent` notification of each in-province giver who paid ($17: the giver's
+# person id per source, NULL for the others), in one statement. Sources and transfers are
+# written in deduction order. Each giver's notification lock (wallet.notifications) is
+# taken in ascending recipient order; it is the only lock here that can wait (the accounts,
+# relationships and patient were locked by `_TAKE`), so, whatever order PostgreSQL runs the
+# sub-statements in, it comes after every row lock of the settlement, as `record_many`'s
+# callers take it. The streams are woken after the commit (`announce`).
+_RECORD = f"""
 WITH s AS (
     INSERT INTO settlement
         (institution_id, reference, request_hash, patient_person_id, category, requested_fen,
@@ -217,8 +224,9 @@ WITH s AS (
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
     RETURNING id),
 plan AS (
-    SELECT * FROM unnest($9::text[], $10::bigint[], $11::bigint[], $12::bigint[])
-        WITH ORDINALITY AS x(source, account_id, relationship_id, amount_fen, n)),
+    SELECT * FROM unnest($9::text[], $10::bigint[], $11::bigint[], $12::bigint[],
+                         $17::bigint[])
+        WITH ORDINALITY AS x(source, account_id, relationship_id, amount_fen, giver, n)),
 src AS (
     INSERT INTO settlement_source
         (settlement_id, seq, source, account_id, relationship_id, amount_fen)
@@ -231,7 +239,22 @@ moved AS (
     FROM s, plan ORDER BY plan.n),
 audited AS (
     INSERT INTO audit_event (at, actor, action, subject, request_id, detail)
-    SELECT $8, $14, 'settlement.charge', 'settlement:' || s.id, $15, $16::jsonb FROM s)
+    SELECT $8, $14, 'settlement.charge', 'settlement:' || s.id, $15, $16::jsonb FROM s),
+givers AS (
+    SELECT giver, relationship_id, amount_fen, n, {lock_recipient("giver")} AS locked
+    FROM plan WHERE giver IS NOT NULL
+    ORDER BY giver, n),
+notified AS (
+    INSERT INTO notification
+        (person_id, kind, event_key, created_at, amount_fen, counterpart_name_masked, refs,
+         detail, push_next_at)
+    SELECT g.giver, '{Kind.SHARED_MONEY_SPENT.value}', 'settlement:' || s.id || ':' || (g.n - 1),
+           $8, g.amount_fen, $18,
+           jsonb_build_object('settlement_id', s.id::text,
+                              'relationship_id', g.relationship_id::text),
+           jsonb_build_object('category', $5::text), $8
+    FROM s, givers g
+    ON CONFLICT (person_id, event_key) DO NOTHING)
 SELECT id FROM s
 """
 _FIND_SETTLEMENT = """
@@ -449,6 +472,7 @@ async def _settle_new(
                 "the patient's own and shared accounts do not cover the amount",
             )
         patient_id: int = patient["id"]
+        giver_persons = _giver_persons(plan, patient)
         settlement_id = await _record(
             conn,
             institution,
@@ -461,17 +485,9 @@ async def _settle_new(
             covered_fen=covered_fen,
             plan=plan,
             payee_account_id=patient["payee"],
+            giver_persons=giver_persons,
+            patient_name=patient["name"],
         )
-        givers = dict(zip(patient["giver_relationships"], patient["giver_persons"], strict=True))
-        spent = [
-            notices.SharedSpend(seq, givers[c.relationship_id], c.relationship_id, take)
-            for seq, (c, take) in enumerate(plan)
-            if c.source == "giver" and c.relationship_id is not None
-        ]
-        if spent:  # no round trip when only the patient's own account or quotas paid
-            await notices.shared_money_spent(
-                conn, settlement_id, spent, patient["name"], category, now
-            )
         # Cross-province givers hear from their own node (QUOTA_USED, one per quota drawn on).
         drawn = [(c.account_id, fen) for c, fen in plan if c.source == "quota"]
         await spend_notices.quotas_drawn(conn, "spent", drawn, now, settlement_id=settlement_id)
@@ -482,6 +498,8 @@ async def _settle_new(
             view = _new_view(
                 reference, settlement_id, category, patient["name"], amount_fen, plan, names, now
             )
+    # The givers' notifications committed with the settlement: wake their event streams.
+    notification_stream.announce(ctx, [p for p in giver_persons if p is not None])
     if patient["payee"] == institution.account_id and code_hash[0] % INSTITUTION_SLOTS:
         # Paid into the main account: this slot's sub-account was not opened yet (an
         # institution registered before sub-accounts). Open it for the next payments; the
@@ -528,6 +546,16 @@ def _new_view(
         ],
         created_at=now,
     )
+
+
+def _giver_persons(plan: list[tuple[Candidate, int]], taken: asyncpg.Record) -> list[int | None]:
+    """Per source of the plan, the person id of the in-province giver who pays it (None for
+    the patient's own account and quotas: their givers are told by their own node)."""
+    person_of = dict(zip(taken["giver_relationships"], taken["giver_persons"], strict=True))
+    return [
+        person_of[c.relationship_id] if c.source == "giver" and c.relationship_id else None
+        for c, _ in plan
+    ]
 
 
 def _payee_code(institution: SettlingInstitution, code_hash: bytes) -> str:
@@ -638,8 +666,11 @@ async def _record(
     covered_fen: int,
     plan: list[tuple[Candidate, int]],
     payee_account_id: int,
+    giver_persons: list[int | None],
+    patient_name: str,
 ) -> int:
-    """Write the settlement, its sources, transfers and audit event (one round trip)."""
+    """Write the settlement, its sources, transfers, audit event and the notifications of
+    the in-province givers who paid (one round trip; `giver_persons` by source)."""
     detail = {
         "reference": reference,
         "patient": f"person:{patient_id}",
@@ -669,6 +700,8 @@ async def _record(
             f"institution:{institution.institution_id}",
             audit.current_request_id(),
             json.dumps(detail),
+            giver_persons,
+            mask_name(patient_name),
         )
     except asyncpg.UniqueViolationError as exc:
         raise _ReferenceTaken from exc

@@ -22,7 +22,7 @@ from tests.wallet.test_settlement import (
     set_rules,
     share,
 )
-from wallet import notifications
+from wallet import notification_stream, notifications
 from wallet.clock import ManualClock
 from wallet.notifications import Kind, Notice
 from wallet.otp import RecordingOtpSender
@@ -107,6 +107,32 @@ async def test_a_rolled_back_transaction_neither_writes_nor_wakes_anyone(
     assert heard == ["1"]  # only the committed one woke a listener
     page = await listed(client, holder)
     assert [item["id"] for item in page["items"]] == [committed]
+
+
+async def test_a_record_without_notify_wakes_no_one_until_announced_after_the_commit(
+    client: Client, otp: RecordingOtpSender, database_url: str, clock: ManualClock
+) -> None:
+    holder = await member(client, otp, 1, "张三丰")
+    heard: list[str] = []
+    listener = await asyncpg.connect(database_url)
+    await listener.add_listener(notifications.CHANNEL, lambda *args: heard.append(args[3]))
+    notice = Notice(person_id=1, kind=Kind.WALLET_LOCKED, event_key="test:quiet")
+    try:
+        async with wallet_context(database_url, clock, otp) as ctx:
+            async with ctx.pool.acquire() as conn, conn.transaction():
+                ids = await notifications.record_many(conn, [notice], clock.now(), notify=False)
+            await asyncio.sleep(0.2)
+            assert heard == []
+            notification_stream.announce(ctx, [1])
+            for _ in range(50):
+                if heard:
+                    break
+                await asyncio.sleep(0.1)
+    finally:
+        await listener.close()
+    assert heard == ["1"]
+    page = await listed(client, holder)
+    assert [item["id"] for item in page["items"]] == ids and len(ids) == 1
 
 
 async def test_the_same_event_is_recorded_once_per_recipient(
