@@ -58,6 +58,7 @@ from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from support import (  # noqa: E402
     DB,
     OPERATOR_TOKEN,
+    STATEMENTS_SETTINGS,
     add_node_root_arguments,
     cpu_s,
     create_database,
@@ -65,7 +66,9 @@ from support import (  # noqa: E402
     pct,
     pgbench,
     postmaster_pid,
+    print_statements,
     resolve_node_root,
+    statements_reset,
     tree,
 )
 
@@ -90,7 +93,6 @@ PASSWORD = "135790"
 GIVER_BALANCE_FEN = 10**9  # never the bottleneck
 GRANT_FEN = 10_000
 POLL_S = 0.02  # the driver polls the databases for the next step at this pace
-QW = int(os.environ.get("QW", "150"))  # statement text shown
 
 
 @dataclass
@@ -550,46 +552,6 @@ async def phases(a: Node, b: Node, done: list[Cycle], auth: str) -> dict[str, li
     return out
 
 
-async def statements_reset(node: Node) -> None:
-    conn = await asyncpg.connect(node.dsn)
-    try:
-        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-        await conn.execute("SELECT pg_stat_statements_reset(), pg_stat_reset()")
-    finally:
-        await conn.close()
-
-
-_TOP_STATEMENTS = """
-SELECT calls, total_exec_time, rows, regexp_replace(query, '\\s+', ' ', 'g') AS query
-FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = $1)
-ORDER BY total_exec_time DESC
-"""
-
-
-async def print_statements(node: Node, cycles: int, top: int) -> None:
-    """What the node's database executed per cycle (`--statements`): calls (a pipelined
-    statement counts as one), commits, and the statements that took the most server time."""
-    conn = await asyncpg.connect(node.dsn)
-    try:
-        rows = await conn.fetch(_TOP_STATEMENTS, DB)
-        commits = await conn.fetchval(
-            "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1", DB
-        )
-    finally:
-        await conn.close()
-    calls = sum(r["calls"] for r in rows)
-    exec_ms = sum(r["total_exec_time"] for r in rows)
-    print(
-        f"{node.node_id}: {calls / cycles:.1f} statements, {commits / cycles:.1f} transactions, "
-        f"{exec_ms / cycles:.2f} ms executing per cycle; the {top} costliest:"
-    )
-    for r in rows[:top]:
-        print(
-            f"  {r['calls'] / cycles:5.2f}/cycle {r['total_exec_time'] / cycles:6.3f} ms "
-            f"{r['rows'] / max(1, r['calls']):6.1f} rows  {r['query'][:QW]}"
-        )
-
-
 class CpuMeter:
     """CPU seconds used by each node process, each PostgreSQL server (all its processes) and
     this driver, from now until `per` is called."""
@@ -763,11 +725,7 @@ async def bench(args: argparse.Namespace) -> None:
     data = (ROOT / args.data_dir).resolve()
     if data.exists():
         shutil.rmtree(data)
-    settings = (
-        {"shared_preload_libraries": "pg_stat_statements", "pg_stat_statements.track": "top"}
-        if args.statements
-        else {}
-    )
+    settings = STATEMENTS_SETTINGS if args.statements else {}
     nodes = {
         n: Node(n, free_port(), EmbeddedPostgres(data / n / "postgres", settings=settings))
         for n in (A, B)
@@ -789,13 +747,15 @@ async def bench(args: argparse.Namespace) -> None:
             await run_cycles(a, b, pairs, args.concurrency, args.warmup, args.auth)
         if args.statements:
             for node in nodes.values():
-                await statements_reset(node)
+                await statements_reset(node.dsn)
         cpu = CpuMeter(nodes)
         done, elapsed = await run_cycles(a, b, pairs, args.concurrency, args.cycles, args.auth)
         cpu_ms = cpu.per(len(done))
         if args.statements:
             for node in nodes.values():
-                await print_statements(node, len(done), args.statements)
+                await print_statements(
+                    node.dsn, len(done), "cycle", args.statements, label=f"{node.node_id}: "
+                )
         for node in nodes.values():
             assert node.process is not None
             node.peak_rss_kb = peak_rss_kb(node.process.pid)

@@ -63,6 +63,7 @@ sys.path.insert(0, str(ROOT))
 from support import (  # noqa: E402
     DB,
     OPERATOR_TOKEN,
+    STATEMENTS_SETTINGS,
     add_node_root_arguments,
     cpu_s,
     create_database,
@@ -71,7 +72,9 @@ from support import (  # noqa: E402
     peak_rss_kb,
     pgbench,
     postmaster_pid,
+    print_statements,
     resolve_node_root,
+    statements_reset,
     tree,
 )
 
@@ -465,55 +468,6 @@ async def count_round_trips(
     )
 
 
-# --- pg_stat_statements ----------------------------------------------------------------------
-
-STATEMENT_TEXT = 150  # characters of each statement shown
-STATEMENTS_SETTINGS = {
-    "shared_preload_libraries": "pg_stat_statements",
-    "pg_stat_statements.track": "all",
-}
-_TOP_STATEMENTS = """
-SELECT calls, total_exec_time, rows, regexp_replace(query, '\\s+', ' ', 'g') AS query
-FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = $1)
-ORDER BY total_exec_time DESC
-"""
-
-
-async def statements_reset(dsn: str) -> None:
-    """Start counting (`--statements`): the warm-up's statements are not the run's."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-        await conn.execute("SELECT pg_stat_statements_reset(), pg_stat_reset()")
-    finally:
-        await conn.close()
-
-
-async def print_statements(dsn: str, settlements: int, top: int) -> None:
-    """What the database executed per settlement over the measured part: calls (a pipelined
-    statement counts once), transactions, and the `top` statements by server time."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        rows = await conn.fetch(_TOP_STATEMENTS, DB)
-        commits = await conn.fetchval(
-            "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1", DB
-        )
-    finally:
-        await conn.close()
-    n = max(settlements, 1)
-    calls = sum(r["calls"] for r in rows)
-    exec_ms = sum(r["total_exec_time"] for r in rows)
-    print(
-        f"statements: {calls / n:.1f} per settlement, {commits / n:.1f} transactions, "
-        f"{exec_ms / n:.3f} ms executing; the {top} costliest:"
-    )
-    for r in rows[:top]:
-        print(
-            f"  {r['calls'] / n:5.2f}/settlement {r['total_exec_time'] / n:6.3f} ms "
-            f"{r['rows'] / max(1, r['calls']):6.1f} rows  {r['query'][:STATEMENT_TEXT]}"
-        )
-
-
 # --- pgbench -----------------------------------------------------------------------------------
 
 
@@ -551,7 +505,7 @@ async def bench(args: argparse.Namespace) -> None:
         node_cpu, pg_cpu = cpu_s(pids) - cpu0, cpu_s(tree(postmaster_pid(node.server))) - pg0
         rss = peak_rss_kb(pids)
         if args.statements:  # before the round-trip count and pgbench add their own
-            await print_statements(node.dsn, statuses.get(201, 0), args.statements)
+            await print_statements(node.dsn, statuses.get(201, 0), "settlement", args.statements)
         trips = (
             await count_round_trips(node, keys, patient_ids, args.count_samples, args.hot)
             if args.count_samples

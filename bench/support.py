@@ -138,3 +138,54 @@ def peak_rss_kb(pids: list[int]) -> list[int]:
 
 def postmaster_pid(server: EmbeddedPostgres) -> int:
     return int((server.pgdata / "postmaster.pid").read_text().split()[0])
+
+
+# --- pg_stat_statements (`--statements`) ---------------------------------------------------------
+
+STATEMENT_TEXT = 150  # characters of each statement shown (QW=... in the environment: more)
+STATEMENTS_SETTINGS = {
+    "shared_preload_libraries": "pg_stat_statements",
+    "pg_stat_statements.track": "all",
+}
+_TOP_STATEMENTS = """
+SELECT calls, total_exec_time, rows, regexp_replace(query, '\\s+', ' ', 'g') AS query
+FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = $1)
+ORDER BY total_exec_time DESC
+"""
+
+
+async def statements_reset(dsn: str) -> None:
+    """Start counting: the warm-up's statements are not the run's."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        await conn.execute("SELECT pg_stat_statements_reset(), pg_stat_reset()")
+    finally:
+        await conn.close()
+
+
+async def print_statements(dsn: str, count: int, unit: str, top: int, label: str = "") -> None:
+    """What the database executed per `unit` (a settlement, a cycle) over `count` of them:
+    statements (a pipelined one counts once; trigger and function statements too, with
+    `track = all`), transactions, and the `top` statements by server time."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(_TOP_STATEMENTS, DB)
+        commits = await conn.fetchval(
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1", DB
+        )
+    finally:
+        await conn.close()
+    n = max(count, 1)
+    calls = sum(r["calls"] for r in rows)
+    exec_ms = sum(r["total_exec_time"] for r in rows)
+    width = int(os.environ.get("QW", STATEMENT_TEXT))
+    print(
+        f"{label}statements: {calls / n:.1f} per {unit}, {commits / n:.1f} transactions, "
+        f"{exec_ms / n:.3f} ms executing; the {top} costliest:"
+    )
+    for r in rows[:top]:
+        print(
+            f"  {r['calls'] / n:5.2f}/{unit} {r['total_exec_time'] / n:6.3f} ms "
+            f"{r['rows'] / max(1, r['calls']):6.1f} rows  {r['query'][:width]}"
+        )
