@@ -97,5 +97,7 @@ async def test_a_json_body_refused_as_text_plain(network: LocalNetwork) -> None:
             "/plt/v1/messages", content=b"[]", headers={"content-type": "text/plain"}
         )
     assert response.status_code == 415, response.text
-    assert (response.json()["code"], response.json()["plt_code"]) == ("unsupported_media_type", 3101)
-
+    assert (response.json()["code"], response.json()["plt_code"]) == (
+        "unsupported_media_type",
+        3101,
+    )

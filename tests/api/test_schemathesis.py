@@ -77,7 +77,12 @@ async def seed(node: LocalNode) -> dict[str, dict[str, str]]:
     async with client(node) as http:
         response = await http.post(
             "/operator/v1/institutions",
-            json={"code": "H1", "name": "第一医院", "kind": "hospital", "categories": ["inpatient"]},
+            json={
+                "code": "H1",
+                "name": "第一医院",
+                "kind": "hospital",
+                "categories": ["inpatient"],
+            },
             headers=OPERATOR,
         )
         assert response.status_code == 201, response.text
@@ -127,7 +132,9 @@ def fuzz_operation(
     return found
 
 
-def fuzz(document: dict[str, Any], base_url: str, credentials: dict[str, dict[str, str]]) -> list[str]:
+def fuzz(
+    document: dict[str, Any], base_url: str, credentials: dict[str, dict[str, str]]
+) -> list[str]:
     schema = schemathesis.openapi.from_dict(document)
     found: list[str] = []
     with requests.Session() as session:

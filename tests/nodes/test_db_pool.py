@@ -34,6 +34,7 @@ async def test_a_connection_goes_back_without_a_round_trip(database_url: str) ->
 async def test_a_listener_leaves_nothing_behind(database_url: str) -> None:
     settings = Settings(database_url=database_url, db_pool_min=1, db_pool_max=1)
     async with open_pool(settings) as pool:
+
         def heard(*_: object) -> None:
             pass
 

@@ -75,7 +75,9 @@ async def test_a_scrape_counts_requests_by_route_and_reads_the_books(
 def test_render_escapes_label_values() -> None:
     family = metrics.gauge("plt_x", "help", {(("peer", 'a"b\\c\nd'),): 2})
     text = metrics.render([family])
-    assert text.endswith('# HELP plt_x help\n# TYPE plt_x gauge\nplt_x{peer="a\\"b\\\\c\\nd"} 2.0\n')
+    assert text.endswith(
+        '# HELP plt_x help\n# TYPE plt_x gauge\nplt_x{peer="a\\"b\\\\c\\nd"} 2.0\n'
+    )
 
 
 async def test_requests_are_timed_by_route_and_settlements_on_their_own(
@@ -94,9 +96,10 @@ async def test_requests_are_timed_by_route_and_settlements_on_their_own(
     assert samples[count] == before.get(count, 0) + 2
     assert samples[slow] == before.get(slow, 0) + 2
     assert samples[settled] == before.get(settled, 0) + 1
-    assert "# TYPE plt_grant_phase_seconds histogram" in (
-        await client.get("/metrics", headers=OPERATOR)
-    ).text
+    assert (
+        "# TYPE plt_grant_phase_seconds histogram"
+        in (await client.get("/metrics", headers=OPERATOR)).text
+    )
 
 
 async def test_pool_usage_is_read_from_this_process_pool(

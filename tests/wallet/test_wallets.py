@@ -84,7 +84,10 @@ async def test_wallet_opens_with_the_otp_and_a_payment_password(
         "posted_fen": 0,
     }
     stored = await db.fetchrow("SELECT password_hash, opened_via FROM wallet")
-    assert stored["password_hash"].startswith("scrypt-hmac$") and PASSWORD not in stored["password_hash"]
+    assert (
+        stored["password_hash"].startswith("scrypt-hmac$")
+        and PASSWORD not in stored["password_hash"]
+    )
     assert await db.fetchval("SELECT token_hash FROM app_session") == digest(body["token"])
 
 

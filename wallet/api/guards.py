@@ -42,7 +42,9 @@ PLT_MALFORMED = int(PltCode.MALFORMED)
 
 def invalid(key: str, message: str) -> WalletError:
     """The `invalid_request` problem for one field, named the way body errors name it."""
-    return WalletError(ErrorCode.INVALID_REQUEST, message, errors=[{"key": key, "message": message}])
+    return WalletError(
+        ErrorCode.INVALID_REQUEST, message, errors=[{"key": key, "message": message}]
+    )
 
 
 def check_instant(value: dt.datetime | None, key: str) -> None:
@@ -104,7 +106,9 @@ def _refused_media_type(scope: Scope) -> str | None:
         return None
     raw = headers.get(b"content-type", b"").decode("latin-1")
     media_type = raw.partition(";")[0].strip().lower()
-    allowed = _PLT_MEDIA_TYPES if scope.get("path", "").startswith(_PLT_PREFIX) else _APP_MEDIA_TYPES
+    allowed = (
+        _PLT_MEDIA_TYPES if scope.get("path", "").startswith(_PLT_PREFIX) else _APP_MEDIA_TYPES
+    )
     return None if media_type in allowed else media_type or "(none)"
 
 
