@@ -134,8 +134,8 @@ async def execute_common_effect(
 
 class OutboxWrites:
     """A step's Send and StopRetries effects, written with its row by `save_with_outbox`
-    (one statement, not one per effect) when the step saves a row; `execute_common_effect`
-    writes them otherwise."""
+    (one statement, not one per effect) when the step saves a row, and one by one by
+    `execute` when it does not."""
 
     def __init__(self) -> None:
         self.sends: list[Send] = []
@@ -155,7 +155,7 @@ class OutboxWrites:
     async def execute(
         self, conn: asyncpg.Connection, now: dt.datetime, *, subject: str, peer: str | None
     ) -> None:
-        """Write them without a row to save (each as `execute_common_effect` does)."""
+        """Write them without a row to save (the rows `outbox.stop` and `outbox.enqueue` write)."""
         for stop in self.stops:
             assert peer is not None
             await outbox.stop(conn, to_node=peer, typ=stop.typ, key=subject, now=now)
