@@ -13,21 +13,53 @@ import hashlib
 from typing import Any
 
 import asyncpg
+import pytest
 
+from nodes.settings import Settings
 from protocol.directory import Peer, PeerDirectory
 from protocol.envelope import encode_envelope, seal
 from protocol.ids import uuid7
 from protocol.keys import SigningKey, initial_keyset, sign_keyset
 from protocol.messages import Body, MessageType, decode_body, hash_body, typ_of
+from tests.support import OPERATOR_TOKEN
 from wallet import ledger
 from wallet.context import WalletContext
+from wallet.plt import dispatch as dispatch_module
 from wallet.plt.dispatch import Incoming, dispatch
 from wallet.plt.grants_base import to_ms
 from wallet.plt.node import NodeKeys, PltNode
 from wallet.plt.quota import clearing_position
+from wallet.rules import ProvinceRules
 
 NODE = "prov-13"  # the node under test (tests/conftest.py settings)
 PEER = "prov-11"  # the fake other side
+
+
+def grant_node_settings(database_url: str) -> Settings:
+    """The node of tests/conftest.py, with sessions that outlive the clock's jumps."""
+    return Settings(
+        province_code="130000",
+        node_id=NODE,
+        database_url=database_url,
+        operator_token=OPERATOR_TOKEN,
+        db_pool_min=1,
+        db_pool_max=20,
+        rules=ProvinceRules(session_ttl_s=7 * 86_400),
+    )
+
+
+def count_one_message_handler(monkeypatch: pytest.MonkeyPatch, typ: MessageType) -> list[str]:
+    """The transfer ids of the `typ` messages its one-message handler applies from now on
+    (it still applies them): which messages of a batch a set-oriented handler left alone."""
+    handler = dispatch_module._HANDLERS[typ]
+    seen: list[str] = []
+
+    async def counting(ctx: WalletContext, msg: Incoming) -> Body | None:
+        seen.append(msg.body.transfer_id)
+        return await handler(ctx, msg)
+
+    monkeypatch.setitem(dispatch_module._HANDLERS, typ, counting)
+    return seen
 
 
 def node_key(node: str) -> SigningKey:

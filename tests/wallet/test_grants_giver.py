@@ -41,7 +41,6 @@ from protocol.messages import (
     hash_body,
 )
 from tests.support import (
-    OPERATOR_TOKEN,
     PASSWORD,
     bearer,
     credit,
@@ -56,6 +55,7 @@ from tests.wallet.grants_support import (
     books_balanced,
     clearing,
     deliver,
+    grant_node_settings,
     outbox,
     outbox_body,
     person_id,
@@ -69,7 +69,6 @@ from wallet.errors import WalletError
 from wallet.otp import RecordingOtpSender
 from wallet.plt import grants
 from wallet.plt.grants_base import to_ms
-from wallet.rules import ProvinceRules
 
 Client = AsyncTestClient[Any]
 SHANGHAI = dt.timezone(dt.timedelta(hours=8))
@@ -89,16 +88,7 @@ class Giver:
 
 @pytest.fixture
 def settings(database_url: str) -> Settings:
-    """The node of tests/conftest.py, with sessions that outlive the clock's jumps."""
-    return Settings(
-        province_code="130000",
-        node_id="prov-13",
-        database_url=database_url,
-        operator_token=OPERATOR_TOKEN,
-        db_pool_min=1,
-        db_pool_max=20,
-        rules=ProvinceRules(session_ttl_s=7 * 86_400),
-    )
+    return grant_node_settings(database_url)
 
 
 @pytest.fixture

@@ -18,8 +18,14 @@ import pytest
 from nodes.settings import Settings
 from protocol.errors import ErrorCode
 from protocol.messages import Ack, Body, Decision, MessageType, Outcome, Prepare, hash_body
-from tests.support import OPERATOR_TOKEN
-from tests.wallet.grants_support import deliver, incoming, outbox, outbox_body
+from tests.wallet.grants_support import (
+    count_one_message_handler,
+    deliver,
+    grant_node_settings,
+    incoming,
+    outbox,
+    outbox_body,
+)
 from tests.wallet.service_context import wallet_context
 from tests.wallet.test_grants_giver import (
     BALANCE,
@@ -33,10 +39,8 @@ from tests.wallet.test_grants_giver import (
 from wallet.clock import ManualClock
 from wallet.context import WalletContext
 from wallet.otp import RecordingOtpSender
-from wallet.plt import dispatch, grants, grants_giver, transport
-from wallet.plt.dispatch import Incoming
+from wallet.plt import grants, grants_giver, transport
 from wallet.plt.grants_base import to_ms
-from wallet.rules import ProvinceRules
 
 _GRANTS = "SELECT transfer_id, state, acked, version FROM grant_out ORDER BY transfer_id"
 _OUTBOX_ROW = """
@@ -47,16 +51,7 @@ WHERE typ = 'DECISION' AND dedup_key = $1
 
 @pytest.fixture
 def settings(database_url: str) -> Settings:
-    """The node of tests/conftest.py, with sessions that outlive the clock's jumps."""
-    return Settings(
-        province_code="130000",
-        node_id="prov-13",
-        database_url=database_url,
-        operator_token=OPERATOR_TOKEN,
-        db_pool_min=1,
-        db_pool_max=20,
-        rules=ProvinceRules(session_ttl_s=7 * 86_400),
-    )
+    return grant_node_settings(database_url)
 
 
 @pytest.fixture
@@ -70,16 +65,7 @@ async def svc(
 @pytest.fixture
 def one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The transfer ids of the ACKs the one-message handler applied (it still does)."""
-    handler = dispatch._HANDLERS[MessageType.ACK]
-    seen: list[str] = []
-
-    async def counting(ctx: WalletContext, msg: Incoming) -> Body | None:
-        assert isinstance(msg.body, Ack)
-        seen.append(msg.body.transfer_id)
-        return await handler(ctx, msg)
-
-    monkeypatch.setitem(dispatch._HANDLERS, MessageType.ACK, counting)
-    return seen
+    return count_one_message_handler(monkeypatch, MessageType.ACK)
 
 
 async def _replies(svc: WalletContext, db: Any, acks: Sequence[Ack]) -> None:

@@ -45,7 +45,6 @@ from protocol.messages import (
 )
 from tests.support import (
     OPERATOR,
-    OPERATOR_TOKEN,
     PASSWORD,
     bearer,
     credit,
@@ -54,13 +53,13 @@ from tests.support import (
     person,
 )
 from tests.wallet.grants_support import (
-    NODE,
     PEER,
     add_relation,
     attach_plt,
     books_balanced,
     clearing,
     deliver,
+    grant_node_settings,
     outbox,
     outbox_body,
     person_id,
@@ -73,7 +72,6 @@ from wallet.context import WalletContext
 from wallet.otp import RecordingOtpSender
 from wallet.plt import grants
 from wallet.plt.grants_base import to_ms
-from wallet.rules import ProvinceRules
 
 Client = AsyncTestClient[Any]
 SHANGHAI = dt.timezone(dt.timedelta(hours=8))
@@ -90,16 +88,7 @@ class Receiver:
 
 @pytest.fixture
 def settings(database_url: str) -> Settings:
-    """The node of tests/conftest.py, with sessions that outlive the clock's jumps."""
-    return Settings(
-        province_code="130000",
-        node_id=NODE,
-        database_url=database_url,
-        operator_token=OPERATOR_TOKEN,
-        db_pool_min=1,
-        db_pool_max=20,
-        rules=ProvinceRules(session_ttl_s=7 * 86_400),
-    )
+    return grant_node_settings(database_url)
 
 
 @pytest.fixture

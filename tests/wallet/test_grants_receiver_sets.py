@@ -29,8 +29,14 @@ from protocol.messages import (
     decode_body,
     hash_body,
 )
-from tests.support import OPERATOR_TOKEN
-from tests.wallet.grants_support import NODE, attach_plt, books_balanced, deliver, sealed
+from tests.wallet.grants_support import (
+    attach_plt,
+    books_balanced,
+    count_one_message_handler,
+    deliver,
+    grant_node_settings,
+    sealed,
+)
 from tests.wallet.service_context import wallet_context
 from tests.wallet.test_grants_receiver import (
     Client,
@@ -47,7 +53,6 @@ from wallet.plt import dispatch, inbox
 from wallet.plt.dispatch import Incoming
 from wallet.plt.grants_base import to_ms
 from wallet.plt.transport import join_batch, split_batch
-from wallet.rules import ProvinceRules
 
 _ROWS = """
 SELECT transfer_id, state, prepare IS NULL AS tombstone, decision_hash, ack, version
@@ -57,16 +62,7 @@ FROM grant_in ORDER BY transfer_id
 
 @pytest.fixture
 def settings(database_url: str) -> Settings:
-    """The node of tests/conftest.py, with sessions that outlive the clock's jumps."""
-    return Settings(
-        province_code="130000",
-        node_id=NODE,
-        database_url=database_url,
-        operator_token=OPERATOR_TOKEN,
-        db_pool_min=1,
-        db_pool_max=20,
-        rules=ProvinceRules(session_ttl_s=7 * 86_400),
-    )
+    return grant_node_settings(database_url)
 
 
 @pytest.fixture
@@ -81,16 +77,7 @@ async def svc(
 @pytest.fixture
 def one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The transfer ids of the DECISIONs the one-message handler applied (it still does)."""
-    handler = dispatch._HANDLERS[MessageType.DECISION]
-    seen: list[str] = []
-
-    async def counting(ctx: WalletContext, msg: Incoming) -> Body | None:
-        assert isinstance(msg.body, Decision)
-        seen.append(msg.body.transfer_id)
-        return await handler(ctx, msg)
-
-    monkeypatch.setitem(dispatch._HANDLERS, MessageType.DECISION, counting)
-    return seen
+    return count_one_message_handler(monkeypatch, MessageType.DECISION)
 
 
 async def _post(svc: WalletContext, bodies: Sequence[Decision]) -> list[Body]:
