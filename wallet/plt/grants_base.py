@@ -3,8 +3,9 @@
 The grant code drives the pure state machines of `protocol.giver` and `protocol.receiver`:
 load a row (locked), `step`, execute every effect and write the new row in ONE local
 transaction (docs/plt-integration.md). This module holds the small pieces both sides use,
-among them `execute_common_effect`: the effects A and B execute alike (each side's `_apply`
-executes its hold and notification effects itself and hands the rest here).
+among them the effects A and B execute alike (each side's `_apply` executes its hold and
+notification effects itself): the outbox ones with the row (`OutboxWrites`,
+`save_with_outbox`), alerts and evidence in `execute_common_effect`.
 """
 
 from __future__ import annotations
@@ -96,31 +97,17 @@ async def execute_common_effect(
     now: dt.datetime,
     *,
     subject: str,
-    peer: str | None,
     node: str,
     side: str,
 ) -> None:
-    """Execute one effect that A and B execute alike, in the step's transaction.
+    """Execute one effect that A and B execute alike, in the step's transaction, other than
+    the outbox ones (`OutboxWrites` takes those).
 
-    Send: queue the body in the outbox under the transfer id `subject`. StopRetries: the
-    outbox row (`peer`, typ, `subject`) needs no more attempts; `peer` is the grant's other
-    node (None when the step has no row: then StopRetries is a bug). Alert: log it and keep it
-    in the audit trail (`node` is this node). StoreEvidence: nothing (the body is in the row;
-    the envelope is in plt_message). Any other effect is a bug at `side` ("A" or "B").
+    Alert: log it and keep it in the audit trail under the transfer id `subject` (`node` is
+    this node). StoreEvidence: nothing (the body is in the row; the envelope is in
+    plt_message). Any other effect is a bug at `side` ("A" or "B").
     """
     match effect:
-        case Send():
-            await outbox.enqueue(
-                conn,
-                to_node=effect.to_node,
-                typ=effect.typ,
-                key=subject,
-                body=encode_body(effect.body),
-                now=now,
-            )
-        case StopRetries():
-            assert peer is not None
-            await outbox.stop(conn, to_node=peer, typ=effect.typ, key=subject, now=now)
         case Alert():
             await raise_alert(conn, effect, at=now, subject=f"grant:{subject}", node=node)
         case StoreEvidence():
@@ -155,7 +142,9 @@ class OutboxWrites:
     async def execute(
         self, conn: asyncpg.Connection, now: dt.datetime, *, subject: str, peer: str | None
     ) -> None:
-        """Write them without a row to save (the rows `outbox.stop` and `outbox.enqueue` write)."""
+        """Write them without a row to save: StopRetries ends the outbox row (`peer`, typ,
+        `subject`), `peer` being the grant's other node (None when the step has no row: then
+        StopRetries is a bug); Send queues the body under `subject`."""
         for stop in self.stops:
             assert peer is not None
             await outbox.stop(conn, to_node=peer, typ=stop.typ, key=subject, now=now)
@@ -206,13 +195,14 @@ async def save_with_outbox(
     *,
     subject: str,
     peer: str | None,
-) -> object:
+) -> int | None:
     """Run `save_sql` with `save_args` and return its version (None: no row), writing the
     step's outbox rows (under the key `subject`; stops are for `peer`) in the same statement.
     The rows are those of `outbox.enqueue` and `outbox.stop`, the NOTIFY that wakes the
     senders included."""
     if not writes.sends and not writes.stops:
-        return await conn.fetchval(save_sql, *save_args)
+        version: int | None = await conn.fetchval(save_sql, *save_args)
+        return version
     assert not writes.stops or peer is not None
     row = await conn.fetchrow(
         _with_outbox(save_sql, len(save_args)),
@@ -226,7 +216,8 @@ async def save_with_outbox(
         now,
     )
     assert row is not None
-    return row["version"]
+    saved: int | None = row["version"]
+    return saved
 
 
 async def audit_money(

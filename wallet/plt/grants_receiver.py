@@ -366,7 +366,7 @@ async def _apply(
                 reply = effect.body
             case _:  # Alert, StoreEvidence
                 await execute_common_effect(
-                    conn, effect, now, subject=subject, peer=peer, node=ctx.node_id, side="B"
+                    conn, effect, now, subject=subject, node=ctx.node_id, side="B"
                 )
     if row is not None and new is not None and new != old:
         await _save(conn, row, new, now, writes)
